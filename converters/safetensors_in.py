@@ -1,0 +1,114 @@
+"""A lazy, memory-mapped safetensors reader that hands out tensors or their raw bytes without copying.
+
+safetensors' own ``safe_open`` copies each tensor; streaming a model larger than memory wants zero-copy views and raw
+bytes (untouched tensors are copied byte for byte), hence this small reader of the (simple) format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from converters.safetensors_format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES
+
+
+class SafetensorsError(ValueError):
+    """The file is not a valid safetensors file (truncated, bad header, overlapping data)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets of the data
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate the header: (tensors in file order, __metadata__, data start offset)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw_len = f.read(HEADER_LENGTH_BYTES)
+        if len(raw_len) < HEADER_LENGTH_BYTES:
+            raise SafetensorsError(f"file is {size} bytes, too short for a header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_len > size:
+            raise SafetensorsError(f"header length {header_len} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SafetensorsError(f"header is not JSON ({e})") from e
+    data_start = HEADER_LENGTH_BYTES + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetensorsError(f"header entry for {name!r} is malformed") from e
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"tensor {name!r} has unsupported dtype {dtype}")
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if end - begin != expected:
+            raise SafetensorsError(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
+        if data_start + end > size:
+            raise SafetensorsError(f"tensor {name!r} ends at byte {data_start + end} but the file has {size} "
+                                   "(truncated?)")
+        infos.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+    infos.sort(key=lambda t: t.begin)
+    for prev, cur in zip(infos, infos[1:]):
+        if cur.begin < prev.end:
+            raise SafetensorsError(f"tensors {prev.name!r} and {cur.name!r} overlap")
+    return {t.name: t for t in infos}, metadata, data_start
+
+
+class SafetensorsFile:
+    """One safetensors file, memory-mapped copy-on-write (writable views for torch, nothing written back)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tensors, self.metadata, self.data_start = read_header(self.path)
+        self._file = open(self.path, "rb")
+        size = os.path.getsize(self.path)
+        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def raw(self, name: str) -> memoryview:
+        info = self.tensors[name]
+        return memoryview(self._map)[info.begin:info.end]
+
+    def header_bytes(self) -> memoryview:
+        return memoryview(self._map)[: self.data_start]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of the tensor; call .clone() to keep it past close()."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        return torch.frombuffer(self._map, dtype=info.torch_dtype, count=info.nbytes // DTYPES[info.dtype][1],
+                                offset=info.begin).reshape(info.shape)
+
+    def close(self) -> None:
+        # Views handed out keep the map alive; mmap.close would fail with exported buffers, so let GC do it.
+        self._file.close()

@@ -1,0 +1,144 @@
+"""The command line: parse, build a frozen plan, call the pipeline. Errors print as one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from exporter.errors import ExportError
+from exporter.pipeline import ExportPlan, parse_size, run_pipeline
+
+log = logging.getLogger("lora_export")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars cover the long work; theirs would interleave
+
+
+def _fail(error: ExportError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _print_result(ctx) -> None:
+    table = ctx.report.get("parity_table")
+    if table:
+        click.echo(table)
+    for note in ctx.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {ctx.plan.out} (report: {ctx.plan.out / 'report.json'})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """lora-export: merge a LoRA adapter exactly, export it, and check it against base + adapter."""
+    _setup_logging(verbose, quiet)
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model: a Hugging Face folder, or an id already in the local HF cache.")
+@click.option("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
+@click.option("--to", "formats", default="safetensors", show_default=True,
+              help="Export format(s), comma-separated.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Dtype of the merged weights. [default: the base's]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the float32 merge runs.")
+@click.option("--parity", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Compare the output with base + adapter (unmerged) and fail the run when it differs.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only after the run succeeds).")
+@click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin (loaded with weights_only=True).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--no-check-finite", is_flag=True, help="Do not fail on NaN/Inf in the adapter or the merged tensors.")
+@click.option("--accept-parity-failure", is_flag=True, help="Keep the output even when parity fails (exit 0).")
+@click.option("--max-abs", type=float, default=None, help="Parity: max |Δlogit| allowed (overrides the default).")
+@click.option("--max-kl", type=float, default=None, help="Parity: mean KL(ref‖out) allowed (overrides the default).")
+@click.option("--min-top1", type=float, default=None, help="Parity: top-1 agreement on decisive positions (0-1).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run(base: str, adapter: str, out: Path, formats: str, dtype: str | None, device: str, parity: str,
+        overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
+        accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
+        no_progress: bool) -> None:
+    """Merge ADAPTER into BASE and export it.
+
+    \b
+    Example:
+      lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./merged --dtype bfloat16
+    """
+    try:
+        plan = ExportPlan(
+            base=base, adapter=adapter, out=out.resolve(), formats=tuple(f.strip() for f in formats.split(",")),
+            dtype=dtype, device=device, parity=parity == "on", overwrite=overwrite, allow_pickle=allow_pickle,
+            max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
+            accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,
+            progress=not no_progress,
+        )
+        ctx = run_pipeline(plan)
+    except ExportError as e:
+        _fail(e)
+    _print_result(ctx)
+
+
+@main.command()
+@click.argument("adapter")
+@click.option("--base", default=None, help="Base model, to check the fit and estimate the output size.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Output dtype for the size estimate. [default: the base's]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(adapter: str, base: str | None, dtype: str | None, as_json: bool) -> None:
+    """Show what ADAPTER does: rank, alpha and scale per module, variants, patterns, output size.
+
+    \b
+    Example:
+      lora-export inspect ./my-lora --base ./Llama-3.2-1B
+    """
+    from exporter.inspect import describe, format_description
+
+    try:
+        info = describe(adapter, base, dtype)
+    except ExportError as e:
+        _fail(e)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to keep the demo's inputs and output. [default: a temporary folder, removed after]")
+def demo(out: Path | None) -> None:
+    """Build a tiny model and adapter, run the whole pipeline, print the parity table. No downloads.
+
+    \b
+    Example:
+      lora-export demo
+      lora-export demo --out ./demo   # keep the base, adapter and merged model
+    """
+    from exporter.demo import build_demo
+
+    with tempfile.TemporaryDirectory(prefix="lora-export-demo-") as tmp:
+        root = (out or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        base, adapter = build_demo(root / "inputs")
+        click.echo(f"demo inputs: base {base}, adapter {adapter}")
+        try:
+            ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=root / "merged", overwrite=True))
+        except ExportError as e:
+            _fail(e)
+        _print_result(ctx)
+
+
+if __name__ == "__main__":
+    main()

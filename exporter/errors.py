@@ -1,0 +1,45 @@
+"""Typed errors. Each one names the file or tensor, says what is wrong, and says how to fix it.
+
+The CLI prints ``str(error)`` as one line and exits non-zero; library code raises and never exits.
+"""
+
+from __future__ import annotations
+
+
+class ExportError(Exception):
+    """Base class for every error lora-export raises on purpose."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, problem: str, fix: str | None = None) -> None:
+        self.what, self.problem, self.fix = what, problem, fix
+        message = f"{what}: {problem}"
+        if fix:
+            message += f" Fix: {fix}"
+        super().__init__(message)
+
+
+class InputError(ExportError):
+    """The base model or adapter given cannot be used as it is."""
+
+
+class MismatchError(InputError):
+    """The adapter does not belong to the base model."""
+
+
+class NonFiniteError(ExportError):
+    """NaN or Inf found in adapter weights or in a merged tensor."""
+
+
+class OutputError(ExportError):
+    """The output location cannot be written as asked."""
+
+
+class StageCheckError(ExportError):
+    """A stage's own check of its output failed."""
+
+
+class ParityError(ExportError):
+    """An artifact does not behave like base + adapter within the declared tolerance."""
+
+    exit_code = 3

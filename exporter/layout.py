@@ -1,0 +1,202 @@
+"""How the adapter's tensors land on the base model's tensors: the output layout the merge streams through.
+
+Built once, before anything is written, so every mismatch between adapter and base is found up front and reported
+together. Module types (Linear, GPT-2's Conv1D, Embedding) come from the architecture instantiated on the meta device
+(no weights, no memory); tied embeddings and resized vocabularies are decided here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from converters.safetensors_format import DTYPE_NAMES
+from converters.safetensors_out import TensorSpec
+from exporter.adapter import Adapter, LoraModule
+from exporter.base import BaseModel
+from exporter.errors import MismatchError
+
+log = logging.getLogger("lora_export")
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the merged model and where its values come from."""
+
+    name: str
+    source: str  # "copy" (base tensor as is or cast), "merge" (base + LoRA), "replace" (adapter tensor),
+    # "bias" (base bias + s·lora_B.bias)
+    base_name: str | None  # base tensor read (for copy/merge/bias); None when the adapter supplies the values
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # output dtype
+    module: LoraModule | None = None
+    adapter_key: str | None = None  # replace: the full tensor; merge: an override of the base weight
+    layout: str = "linear"  # merge: "linear" | "conv1d" | "embedding"
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, DTYPE_NAMES[self.dtype], self.shape)
+
+
+@dataclass
+class MergeLayout:
+    tensors: list[OutputTensor]
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    base_vocab: int | None = None  # rows of the base's input embedding, before any resize
+
+
+def module_types(base: BaseModel) -> tuple[dict[str, str], str | None, str | None]:
+    """{module name: linear|conv1d|embedding}, input-embedding and output-embedding module names (meta device)."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(base.path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an architecture transformers does not know: fall back to shapes
+        log.warning("could not instantiate %s on the meta device (%s); module types are inferred from shapes",
+                    base.path, e)
+        return {}, None, None
+    kinds: dict[str, str] = {}
+    by_id: dict[int, str] = {}
+    for name, module in model.named_modules():
+        by_id[id(module)] = name
+        if isinstance(module, Conv1D):
+            kinds[name] = "conv1d"
+        elif isinstance(module, nn.Embedding):
+            kinds[name] = "embedding"
+        elif isinstance(module, nn.Linear):
+            kinds[name] = "linear"
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    return kinds, by_id.get(id(inp)), (by_id.get(id(outp)) if outp is not None else None)
+
+
+def _expected_shape(layout: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, int]:
+    if layout == "linear":
+        return (b_shape[0], a_shape[1])  # W (out, in) from B (out, r), A (r, in)
+    return (a_shape[1], b_shape[0])  # Conv1D W (in, out); Embedding W (vocab, dim) from A (r, vocab), B (dim, r)
+
+
+def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> MergeLayout:
+    kinds, input_embed, output_embed = module_types(base)
+    input_weight = f"{input_embed}.weight" if input_embed else None
+    output_weight = f"{output_embed}.weight" if output_embed else None
+    tied = base.tie_word_embeddings and output_weight is not None and not base.has(output_weight)
+    problems: list[str] = []
+    updates: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def base_source(weight_name: str) -> str | None:
+        if base.has(weight_name):
+            return weight_name
+        if tied and weight_name == output_weight and input_weight and base.has(input_weight):
+            return input_weight  # the output head *is* the input embedding until we untie it
+        return None
+
+    # --- LoRA modules ------------------------------------------------------------------------------------------------
+    merges: dict[str, OutputTensor] = {}
+    bias_merges: dict[str, OutputTensor] = {}
+    for module in adapter.modules.values():
+        src = base_source(module.weight_name)
+        override = module.base_override_key
+        if src is None and override is None:
+            problems.append(f"'{module.name}' is adapted but the base has no tensor '{module.weight_name}'")
+            continue
+        w_shape = adapter.shape(override) if override else base.info(src).shape
+        a_shape, b_shape = adapter.shape(module.a_key), adapter.shape(module.b_key)
+        if module.kind == "embedding":
+            layout = "embedding"
+        else:
+            layout = kinds.get(module.name) or ""
+            if layout not in ("linear", "conv1d"):
+                # Unknown module type: infer from shapes; a square weight follows the adapter's fan_in_fan_out.
+                as_linear = tuple(w_shape) == _expected_shape("linear", a_shape, b_shape)
+                as_conv = tuple(w_shape) == _expected_shape("conv1d", a_shape, b_shape)
+                layout = "conv1d" if as_conv and (not as_linear or adapter.config.get("fan_in_fan_out")) else "linear"
+        expected = _expected_shape(layout, a_shape, b_shape)
+        if tuple(w_shape) != expected:
+            problems.append(f"'{module.name}' ({layout}) base weight {tuple(w_shape)} but adapter A {a_shape} / "
+                            f"B {b_shape} need {expected}")
+            continue
+        if module.magnitude_key:
+            n_out = expected[1] if layout == "conv1d" else expected[0]
+            if adapter.shape(module.magnitude_key) != (n_out,):
+                problems.append(f"'{module.name}' DoRA magnitude {adapter.shape(module.magnitude_key)} but the "
+                                f"layer has {n_out} outputs")
+        merges[module.weight_name] = OutputTensor(module.weight_name, "merge", src, tuple(w_shape), out_dtype,
+                                                  module=module, adapter_key=override, layout=layout)
+        if module.b_bias_key:
+            bias_name = f"{module.name}.bias"
+            if not base.has(bias_name):
+                problems.append(f"'{module.name}' has a LoRA bias (lora_bias) but the base layer has no bias")
+            else:
+                bias_merges[bias_name] = OutputTensor(bias_name, "bias", bias_name, base.info(bias_name).shape,
+                                                      out_dtype, module=module)
+
+    # --- full replacements (modules_to_save) -------------------------------------------------------------------------
+    replaces: dict[str, OutputTensor] = {}
+    for name, key in adapter.replacements.items():
+        new_shape = adapter.shape(key)
+        src = base_source(name)
+        if src is None:
+            problems.append(f"modules_to_save tensor '{name}' has no counterpart in the base")
+            continue
+        old_shape = base.info(src).shape
+        resized = len(old_shape) == 2 and name in (input_weight, output_weight) and new_shape[1:] == old_shape[1:]
+        if new_shape != old_shape and not resized:
+            problems.append(f"modules_to_save tensor '{name}' is {new_shape} but the base has {old_shape}")
+            continue
+        if new_shape != old_shape:
+            updates["vocab_size"] = new_shape[0]
+        dtype = out_dtype if adapter.dtype(key).is_floating_point else adapter.dtype(key)
+        replaces[name] = OutputTensor(name, "replace", None, new_shape, dtype, adapter_key=key)
+
+    if problems:
+        raise MismatchError(str(adapter.path), f"does not fit the base model {base.path}: " + "; ".join(problems) + ".",
+                            "pass the base model this adapter was trained on (adapter_config.json names "
+                            f"'{adapter.base_model_name}').")
+
+    # Both ends of the vocabulary must agree on its size.
+    if "vocab_size" in updates:
+        vocab = updates["vocab_size"]
+        for weight in (input_weight, output_weight):
+            if weight is None or (weight == output_weight and tied and weight in replaces):
+                continue
+            entry = replaces.get(weight) or merges.get(weight)
+            shape = entry.shape if entry else base.info(base_source(weight) or weight).shape
+            if shape[0] != vocab:
+                raise MismatchError(str(adapter.path), f"resizes the vocabulary to {vocab} but '{weight}' keeps "
+                                    f"{shape[0]} rows, and its new rows are not in the adapter.",
+                                    "train with modules_to_save covering both embed_tokens and lm_head (or the "
+                                    "embedding layers saved: save_embedding_layers=True).")
+
+    # --- the output, in base order: merged, replaced or copied --------------------------------------------------------
+    tensors: list[OutputTensor] = []
+    for base_file in base.files:
+        for info in sorted(base_file.tensors.values(), key=lambda t: t.begin):
+            name = info.name
+            entry = merges.get(name) or bias_merges.get(name) or replaces.get(name)
+            if entry is None:
+                dtype = out_dtype if info.torch_dtype.is_floating_point else info.torch_dtype
+                entry = OutputTensor(name, "copy", name, info.shape, dtype)
+            tensors.append(entry)
+    # Tied embeddings: PEFT's lm_head LoRA (or embedding LoRA) changes one end only, so the merged model has two
+    # different matrices and must say so in its config, or loaders re-tie them and drop the change (peft #2018).
+    if tied and output_weight and input_weight and (output_weight in merges or output_weight in replaces
+                                                    or input_weight in merges or input_weight in replaces):
+        head = merges.get(output_weight) or replaces.get(output_weight)
+        if head is None:
+            info = base.info(input_weight)
+            head = OutputTensor(output_weight, "copy", input_weight, info.shape, out_dtype)
+        tensors.append(head)
+        updates["tie_word_embeddings"] = False
+        notes.append(f"the adapter changes {'the output head' if output_weight in merges or output_weight in replaces else 'the input embedding'} "
+                     f"of a model with tied embeddings: both '{input_weight}' and '{output_weight}' are written and "
+                     "tie_word_embeddings is set to false")
+    base_vocab = base.info(input_weight).shape[0] if input_weight and base.has(input_weight) else None
+    return MergeLayout(tensors, updates, notes, base_vocab)

@@ -1,0 +1,162 @@
+"""Parity figures, the human table, report.json and the model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from exporter.tolerances import DECISIVE_MARGIN, Tolerance
+
+log = logging.getLogger("lora_export")
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ParityFigures:
+    positions: int
+    max_abs: float
+    kl: float  # mean KL(ref‖out) over positions, nats
+    top1: float  # raw agreement over all positions
+    top1_decisive: float  # agreement where the reference's top-2 margin ≥ DECISIVE_MARGIN (1.0 if there are none)
+    decisive_positions: int
+
+
+def compare_logits(reference: torch.Tensor, output: torch.Tensor) -> ParityFigures:
+    """Compare (positions, vocab) logits. Both are taken to float32 (float64 for the KL sum)."""
+    ref = reference.to(torch.float32)
+    out = output.to(torch.float32)
+    if ref.shape != out.shape:
+        raise ValueError(f"logit shapes differ: reference {tuple(ref.shape)}, output {tuple(out.shape)}")
+    log_p = torch.log_softmax(ref.double(), dim=-1)
+    log_q = torch.log_softmax(out.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).mean()
+    top2 = ref.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
+    agree = ref.argmax(-1) == out.argmax(-1)
+    n_decisive = int(decisive.sum())
+    return ParityFigures(
+        positions=ref.shape[0],
+        max_abs=float((ref - out).abs().max()),
+        kl=float(kl),
+        top1=float(agree.float().mean()),
+        top1_decisive=float(agree[decisive].float().mean()) if n_decisive else 1.0,
+        decisive_positions=n_decisive,
+    )
+
+
+def judge(figures: ParityFigures, tol: Tolerance) -> list[str]:
+    """The failed criteria, as short phrases; empty when the artifact passes."""
+    failures = []
+    if tol.max_abs is not None and not figures.max_abs <= tol.max_abs:
+        failures.append(f"max|Δ| {figures.max_abs:.3g} > {tol.max_abs:g}")
+    if tol.max_kl is not None and not figures.kl <= tol.max_kl:
+        failures.append(f"KL {figures.kl:.3g} > {tol.max_kl:g}")
+    if tol.min_top1 is not None and not figures.top1_decisive >= tol.min_top1:
+        failures.append(f"top-1 {figures.top1_decisive:.2%} < {tol.min_top1:.0%}")
+    return failures
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of parity results, one row per artifact."""
+    header = ("artifact", "runtime", "dtype", "positions", "max|Δlogit|", "KL(ref‖out)", "top-1", "top-1 decisive",
+              "result")
+    lines = [header]
+    for r in rows:
+        lines.append((
+            r["format"], r["runtime"], r["dtype"], str(r["positions"]), f"{r['max_abs']:.3g}", f"{r['kl']:.3g}",
+            f"{r['top1']:.2%}", f"{r['top1_decisive']:.2%} of {r['decisive_positions']}",
+            "PASS" if r["passed"] else "FAIL: " + r["failures"],
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _merge_summary(ctx: Any) -> dict[str, Any]:
+    merged = ctx.report.get("merge", [])
+    adapter = ctx.adapter
+    scales = sorted({round(m["scale"], 8) for m in merged})
+    return {
+        "lora_modules": len(merged),
+        "replaced_tensors": sorted(adapter.replacements) if adapter else [],
+        "use_rslora": adapter.use_rslora if adapter else None,
+        "use_dora": adapter.use_dora if adapter else None,
+        "scales": scales,
+        "max_relative_change": max((m["relative_change"] for m in merged), default=0.0),
+        "unchanged_tensors": [m["tensor"] for m in merged if m["unchanged"]],
+        "per_tensor": merged,
+    }
+
+
+def build_report(ctx: Any) -> dict[str, Any]:
+    hashes = ctx.base_hashes.wait() if ctx.base_hashes is not None else {}
+    return {
+        "lora_export_version": VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {**ctx.report.get("inputs", {}), "base_sha256": hashes},
+        "output_dtype": str(ctx.out_dtype).replace("torch.", "") if ctx.out_dtype else None,
+        "device": str(ctx.device),
+        "config_updates": ctx.config_updates,
+        "notes": ctx.notes,
+        "merge": _merge_summary(ctx),
+        "artifacts": [
+            {"format": a.format, "path": str(a.path), "parity": a.parity} for a in ctx.artifacts
+        ],
+        "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
+    }
+
+
+def model_card(report: dict[str, Any]) -> str:
+    inputs, merge = report["inputs"], report["merge"]
+    scale_form = "lora_alpha/sqrt(r) (rsLoRA)" if merge["use_rslora"] else "lora_alpha/r"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [lora-export, merged-lora]",
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"Produced by lora-export {report['lora_export_version']} on {report['created']}.",
+        "",
+        f"- **Base model:** `{inputs.get('base')}`",
+        f"- **Adapter:** `{inputs.get('adapter')}`",
+        f"- **Weights dtype:** {report['output_dtype']}",
+        "",
+        "## Merge",
+        "",
+        f"Each adapted weight is W' = W + s·(B @ A) with s = {scale_form}, read per module "
+        "(rank_pattern/alpha_pattern honoured), accumulated in float32 and cast once."
+        + (" DoRA modules: W' = m / ||W + s·BA||_row * (W + s·BA)." if merge["use_dora"] else ""),
+        "",
+        f"- LoRA modules merged: {merge['lora_modules']}; scales used: {', '.join(f'{s:g}' for s in merge['scales'])}",
+        f"- Replaced tensors (modules_to_save): {', '.join(merge['replaced_tensors']) or 'none'}",
+        f"- Largest relative change ||ΔW||/||W||: {merge['max_relative_change']:.3g}",
+    ]
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "## Parity against base + adapter (unmerged, float32)", ""]
+    rows = [a["parity"] for a in report["artifacts"] if a["parity"]]
+    if rows:
+        lines += ["```", format_table(rows), "```"]
+    else:
+        lines.append("Parity was not run.")
+    lines += ["", "## Provenance", "", "| file | sha256 |", "|---|---|"]
+    for name, digest in {**inputs.get("adapter_sha256", {}), **inputs.get("base_sha256", {})}.items():
+        lines.append(f"| {name} | `{digest}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_run_outputs(ctx: Any) -> dict[str, Any]:
+    """report.json and README.md (model card) into the staging folder."""
+    report = build_report(ctx)
+    ctx.report_final = report
+    (ctx.staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (ctx.staging / "README.md").write_text(model_card(report))
+    return report

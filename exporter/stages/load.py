@@ -1,0 +1,102 @@
+"""load: resolve base and adapter, read every scale, and check that they belong together before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from exporter.adapter import load_adapter
+from exporter.base import load_base, resolve_local_or_cached
+from exporter.errors import ExportError, StageCheckError
+from exporter.layout import build_layout
+from exporter.pipeline import Context
+
+log = logging.getLogger("lora_export")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda", "was asked for but no CUDA device is available.",
+                          "use --device auto or --device cpu.")
+    if requested not in ("cpu", "cuda"):
+        raise ExportError(f"--device {requested}", "is not a device.", "use auto, cpu or cuda.")
+    return torch.device(requested)
+
+
+def choose_dtype(requested: str | None, base_dtype: str | None, first_float: torch.dtype | None) -> torch.dtype:
+    name = requested or base_dtype
+    if name is None:
+        return first_float or torch.float32
+    if name not in _DTYPES:
+        raise ExportError(f"dtype '{name}'", "is not supported for the merged weights.",
+                          "use float32, bfloat16 or float16.")
+    return _DTYPES[name]
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _BackgroundHashes:
+    """sha256 of the base shards, computed on another thread while the merge runs (hashlib releases the GIL)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.result: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._work, args=(paths,), daemon=True)
+        self._thread.start()
+
+    def _work(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.result[p.name] = sha256_file(p)
+
+    def wait(self) -> dict[str, str]:
+        self._thread.join()
+        return self.result
+
+
+class LoadStage:
+    name = "load"
+
+    def run(self, ctx: Context) -> None:
+        plan = ctx.plan
+        adapter_dir = resolve_local_or_cached(plan.adapter, "adapter", "adapter_config.json")
+        ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
+        ctx.base = load_base(plan.base)
+        ctx.device = choose_device(plan.device)
+        first_float = next((i.torch_dtype for f in ctx.base.files for i in f.tensors.values()
+                            if i.torch_dtype.is_floating_point), None)
+        ctx.out_dtype = choose_dtype(plan.dtype, ctx.base.dtype_name, first_float)
+        layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
+        ctx.layout = layout
+        ctx.config_updates.update(layout.config_updates)
+        for note in layout.notes:
+            ctx.note(note)
+        ctx.report["inputs"] = {
+            "base": str(ctx.base.path),
+            "adapter": str(ctx.adapter.path),
+            "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
+        }
+        ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
+        log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
+                 ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),
+                 len(ctx.adapter.replacements), ctx.out_dtype, ctx.device)
+
+    def check(self, ctx: Context) -> None:
+        merged = {t.module.name for t in ctx.layout.tensors if t.source == "merge"}
+        missing = sorted(set(ctx.adapter.modules) - merged)
+        if missing:
+            raise StageCheckError(str(ctx.adapter.path), f"LoRA modules with no place in the output: {missing[:5]}.",
+                                  "report this as a bug with the adapter_config.json.")

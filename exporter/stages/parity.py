@@ -1,0 +1,121 @@
+"""parity: run each artifact in the runtime its users run and compare it with the unmerged model, base + adapter.
+
+Probes are short texts through the output's tokenizer (plus a rendered chat turn when there is a chat template),
+random token ids over the whole vocabulary, and the rows added to a resized vocabulary. The reference (float32, hooks)
+is computed once and shared by every artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from exporter.errors import StageCheckError
+from exporter.pipeline import Artifact, Context
+from exporter.reference import load_reference
+from exporter.report import compare_logits, format_table, judge
+from exporter.tolerances import Tolerance, tolerance_for
+
+log = logging.getLogger("lora_export")
+
+PROBE_TEXTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Once upon a time, in a quiet village by the sea,",
+    "Translate to German: Good morning, how are you?",
+)
+RANDOM_SEQUENCES, RANDOM_LENGTH, PROBE_SEED = 2, 24, 0
+
+
+def probe_inputs(tokenizer_dir: Path | None, vocab_size: int, base_vocab: int) -> list[torch.Tensor]:
+    probes: list[torch.Tensor] = []
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        for text in PROBE_TEXTS:
+            probes.append(torch.tensor(tok(text)["input_ids"]))
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+            probes.append(torch.tensor(ids).reshape(-1))
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    for _ in range(RANDOM_SEQUENCES):
+        probes.append(torch.randint(0, vocab_size, (RANDOM_LENGTH,), generator=gen))
+    if vocab_size > base_vocab:  # the rows a resized vocabulary added must be checked too
+        added = torch.arange(base_vocab, vocab_size)
+        probes.append(added[torch.randint(0, len(added), (RANDOM_LENGTH,), generator=gen)])
+    return [p for p in probes if p.numel() > 0]
+
+
+@torch.no_grad()
+def run_logits(model: torch.nn.Module, probes: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(total positions, vocab) float32 logits, one probe at a time (no padding to get wrong)."""
+    rows = [model(input_ids=p.unsqueeze(0).to(device)).logits[0].to(torch.float32).cpu() for p in probes]
+    return torch.cat(rows)
+
+
+def run_transformers(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(artifact.staged, dtype=ctx.out_dtype, trust_remote_code=False)
+    model.eval().to(ctx.device)
+    logits = run_logits(model, probes, ctx.device)
+    del model
+    return logits
+
+
+# artifact format -> (runtime name, runner)
+RUNNERS: dict[str, tuple[str, Callable[[Artifact, Context, list[torch.Tensor]], torch.Tensor]]] = {
+    "safetensors": ("transformers", run_transformers),
+}
+
+
+def _tolerance(ctx: Context, fmt: str, dtype: str) -> Tolerance:
+    tol = tolerance_for(fmt, dtype)
+    plan = ctx.plan
+    overrides = {k: v for k, v in (("max_abs", plan.max_abs), ("max_kl", plan.max_kl), ("min_top1", plan.min_top1))
+                 if v is not None}
+    return dataclasses.replace(tol, **overrides) if overrides else tol
+
+
+class ParityStage:
+    name = "parity"
+
+    def run(self, ctx: Context) -> None:
+        tokenizer_dir = ctx.staging if (ctx.staging / "tokenizer_config.json").is_file() else None
+        reference = load_reference(ctx.base.path, ctx.adapter, ctx.device)
+        vocab = reference.get_input_embeddings().weight.shape[0]
+        probes = probe_inputs(tokenizer_dir, vocab, ctx.layout.base_vocab or vocab)
+        ref_logits = run_logits(reference, probes, ctx.device)
+        del reference
+        dtype = str(ctx.out_dtype).replace("torch.", "")
+        for artifact in ctx.artifacts:
+            if artifact.format not in RUNNERS:
+                log.warning("no parity runner for %s artifacts", artifact.format)
+                continue
+            runtime, runner = RUNNERS[artifact.format]
+            figures = compare_logits(ref_logits, runner(artifact, ctx, probes))
+            tol = _tolerance(ctx, artifact.format, dtype)
+            failures = judge(figures, tol)
+            artifact.parity = {
+                "format": artifact.format, "path": str(artifact.path), "runtime": runtime, "dtype": dtype,
+                **dataclasses.asdict(figures),
+                "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1},
+                "threshold_reason": tol.reason,
+                "passed": not failures, "failures": "; ".join(failures),
+            }
+        rows = [a.parity for a in ctx.artifacts if a.parity]
+        ctx.report["parity_table"] = format_table(rows)
+        log.debug("parity:\n%s", ctx.report["parity_table"])
+
+    def check(self, ctx: Context) -> None:
+        # A failed comparison is reported by the runner (after report.json is written), not raised here, so the
+        # figures survive. Here: every artifact that has a runner must have been compared.
+        missing = [a.format for a in ctx.artifacts if a.format in RUNNERS and a.parity is None]
+        if missing:
+            raise StageCheckError("parity", f"no figures for {missing}.", "report this as a bug.")

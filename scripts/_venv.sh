@@ -1,0 +1,21 @@
+# Sourced by scripts/demo and scripts/test: create .venv if missing and install the project into it.
+# torch==2.13.0 goes first (the CPU wheel, from local disk on our machines) so no resolver pulls a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+EXTRAS="${1:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "$VENV/bin/pip" install -q torch==2.13.0
+fi
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)$EXTRAS"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/pip" install -q -e "$ROOT$EXTRAS" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import exporter, torch, transformers" 
+  touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
