@@ -4,7 +4,8 @@ Pure data: no torch modules are built here. Tensors are read lazily from the ada
 PEFT saves keys as ``base_model.model.<module>.<part>`` with the adapter name stripped, where <part> is
 ``lora_A.weight`` / ``lora_B.weight`` (Linear, Conv1D), ``lora_B.bias`` (lora_bias), ``lora_embedding_A`` /
 ``lora_embedding_B`` (Embedding), ``lora_magnitude_vector`` (DoRA), ``base_layer.weight`` (embedding layers saved
-beside their LoRA, e.g. after a vocab resize), or a plain ``weight`` / ``bias`` (modules_to_save: full replacements).
+beside their LoRA, e.g. after a vocab resize), or ``[modules_to_save.]weight`` / ``bias`` (modules_to_save: full
+replacements).
 """
 
 from __future__ import annotations
@@ -167,16 +168,23 @@ def _classify_keys(keys: list[str], where: str) -> tuple[dict[str, dict[str, str
     unknown: list[str] = []
     for key in keys:
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        # PEFT 0.21 saves modules_to_save as "<module>.modules_to_save.weight"; older versions as "<module>.weight".
+        # After a vocab resize it *also* saves the resized, untrained layer as "<module>.weight": the trained copy wins.
+        trained_copy = ".modules_to_save." in name
+        name = name.replace(".modules_to_save.", ".")
+        if ".original_module." in name:
+            continue  # PEFT's copy of the untrained module, kept for unmerging; the merged model does not use it
         for part in parts:
             if name.endswith("." + part):
                 module = name[: -len(part) - 1]
                 by_module.setdefault(module, {})[part.replace(".weight", "") if "magnitude" in part else part] = key
                 break
         else:
-            if ".lora_" in name or "trainable_tokens" in name or ".modules_to_save." in name:
+            if ".lora_" in name or "trainable_tokens" in name:
                 unknown.append(key)
             elif name.endswith(".weight") or name.endswith(".bias"):
-                replacements[name] = key
+                if trained_copy or name not in replacements:
+                    replacements[name] = key
             else:
                 unknown.append(key)
     if unknown:

@@ -92,7 +92,9 @@ def merge_lora(
         finite = True
         for start in range(0, weight.shape[0], _CPU_ROWS_PER_CHUNK):
             rows = slice(start, start + _CPU_ROWS_PER_CHUNK)
-            block = source[rows].to(torch.float32)
+            # copy=True: for an fp32 source .to() would return a view, and addmm_ would write into the caller's
+            # (memory-mapped) tensor.
+            block = source[rows].to(torch.float32, copy=True)
             base_sq += float(block.square().sum())
             block.addmm_(left[rows], right, alpha=scale)
             if check_finite:

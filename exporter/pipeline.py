@@ -100,6 +100,7 @@ class Context:
     out_dtype: torch.dtype | None = None
     staging: Path | None = None  # temporary folder beside the target
     layout: Any = None  # exporter.layout.MergeLayout, set by load
+    tokenizer_dir: Path | None = None  # the folder whose tokenizer files the output carries (adapter's, else base's)
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     # merge → export: the planned output tensors, then the stream of (name, bytes) in that order
     tensor_specs: list[TensorSpec] = field(default_factory=list)

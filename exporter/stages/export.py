@@ -60,7 +60,7 @@ def export_safetensors(ctx: Context) -> Artifact:
     (folder / "config.json").write_text(json.dumps(merged_config(ctx), indent=2, sort_keys=True) + "\n")
     if (ctx.base.path / "generation_config.json").is_file():
         shutil.copyfile(ctx.base.path / "generation_config.json", folder / "generation_config.json")
-    source = tokenizer_source(ctx.adapter.path, ctx.base.path)
+    source = ctx.tokenizer_dir
     if source is None:
         ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
     else:

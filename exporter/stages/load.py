@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -11,9 +12,10 @@ import torch
 
 from exporter.adapter import load_adapter
 from exporter.base import load_base, resolve_local_or_cached
-from exporter.errors import ExportError, StageCheckError
+from exporter.errors import ExportError, InputError, StageCheckError
 from exporter.layout import build_layout
 from exporter.pipeline import Context
+from exporter.stages.export import tokenizer_source
 
 log = logging.getLogger("lora_export")
 
@@ -67,6 +69,18 @@ class _BackgroundHashes:
         return self.result
 
 
+def tokenizer_size(folder: Path) -> int | None:
+    """Number of token ids a tokenizer.json can produce (max id + 1), without loading transformers."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+    ids += [t["id"] for t in data.get("added_tokens", [])]
+    return max(ids) + 1 if ids else None
+
+
 class LoadStage:
     name = "load"
 
@@ -89,10 +103,24 @@ class LoadStage:
             "adapter": str(ctx.adapter.path),
             "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
         }
+        self._check_tokenizer(ctx)
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),
                  len(ctx.adapter.replacements), ctx.out_dtype, ctx.device)
+
+    @staticmethod
+    def _check_tokenizer(ctx: Context) -> None:
+        """A tokenizer that can emit ids past the embedding is the classic lost-resize bug (peft #2415)."""
+        source = tokenizer_source(ctx.adapter.path, ctx.base.path)
+        n_tokens = tokenizer_size(source) if source else None
+        vocab = ctx.layout.config_updates.get("vocab_size") or ctx.layout.base_vocab
+        if n_tokens is not None and vocab is not None and n_tokens > vocab:
+            raise InputError(str(source / "tokenizer.json"), f"can produce {n_tokens} token ids but the merged model "
+                             f"has {vocab} embedding rows.", "save the adapter with the resized embeddings "
+                             "(modules_to_save=['embed_tokens', 'lm_head'] or save_embedding_layers=True), or use "
+                             "the tokenizer the model was trained with.")
+        ctx.tokenizer_dir = source
 
     def check(self, ctx: Context) -> None:
         merged = {t.module.name for t in ctx.layout.tensors if t.source == "merge"}

@@ -1,0 +1,197 @@
+"""The merged output equals PEFT's merge_and_unload (computed in float32), variant by variant, and passes parity.
+
+Each case builds a tiny fixed-seed base with transformers and a random adapter with PEFT, runs the whole pipeline
+(parity on), and compares every tensor with PEFT's merge. Where PEFT's merge is known to be wrong (tied embeddings),
+the oracle is PEFT after untying by hand, plus PEFT's *unmerged* logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import (build_peft_adapter, build_tiny_base, load_output, model_logits, peft_merged_state,
+                      peft_unmerged_logits, run_export)
+
+ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def assert_matches_peft(ours: dict[str, torch.Tensor], peft: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert set(ours) <= set(peft), f"tensors PEFT does not have: {sorted(set(ours) - set(peft))}"
+    # PEFT's state_dict also lists a tied lm_head; we write it only when untied.
+    missing = set(peft) - set(ours) - {"lm_head.weight"}
+    assert not missing, f"tensors missing from our output: {sorted(missing)}"
+    worst = max(((name, float((t.float() - peft[name].float()).abs().max())) for name, t in ours.items()),
+                key=lambda x: x[1])
+    assert worst[1] <= atol, f"{worst[0]} differs from PEFT by {worst[1]:.3g}"
+
+
+def changed_tensors(base_dir, ours) -> set[str]:
+    base = load_output(base_dir)
+    return {n for n, t in ours.items() if n in base and not torch.equal(t.float(), base[n].float())}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_plain_lora_equals_peft(tmp_path, arch):
+    base = build_tiny_base(tmp_path / "base", arch)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=ATTN_MLP)
+    ctx = run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert_matches_peft(ours, peft_merged_state(base, adapter))
+    # Every one of the 14 adapted weights changed, nothing else did.
+    assert changed_tensors(base, ours) == {f"model.layers.{i}.{p}.{m}.weight" for i in range(2)
+                                           for p, ms in (("self_attn", ATTN_MLP[:4]), ("mlp", ATTN_MLP[4:]))
+                                           for m in ms}
+    assert ctx.artifacts[0].parity["passed"] and ctx.artifacts[0].parity["max_abs"] <= 1e-4
+
+
+def test_rslora_scale_equals_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=16, lora_alpha=8, use_rslora=True,
+                                 target_modules=["q_proj", "v_proj"])
+    ctx = run_export(base, adapter, tmp_path / "out")
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
+    assert ctx.report["merge"][0]["scale"] == pytest.approx(8 / 16**0.5)  # α/√r, not α/r
+
+
+def test_rank_and_alpha_patterns_equal_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(
+        tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=ATTN_MLP,
+        rank_pattern={"down_proj": 4, r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 64, r"layers\.0\.mlp\.up_proj": 3})
+    ctx = run_export(base, adapter, tmp_path / "out")
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
+    scales = {m["tensor"]: m["scale"] for m in ctx.report["merge"]}
+    assert scales["model.layers.1.self_attn.q_proj.weight"] == pytest.approx(16 / 2)
+    assert scales["model.layers.0.mlp.down_proj.weight"] == pytest.approx(16 / 4)
+    assert scales["model.layers.0.self_attn.v_proj.weight"] == pytest.approx(64 / 8)
+    assert scales["model.layers.0.mlp.up_proj.weight"] == pytest.approx(3 / 8)
+    assert scales["model.layers.1.mlp.up_proj.weight"] == pytest.approx(16 / 8)
+
+
+def test_dora_equals_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True,
+                                 target_modules=["q_proj", "o_proj", "down_proj"])
+    run_export(base, adapter, tmp_path / "out")
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter), atol=2e-6)
+
+
+def test_gpt2_conv1d_fan_in_fan_out_equals_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base", "gpt2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True,
+                                 target_modules=["c_attn", "c_proj", "c_fc"])
+    run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert_matches_peft(ours, peft_merged_state(base, adapter))
+    assert "transformer.h.0.attn.c_attn.weight" in changed_tensors(base, ours)
+
+
+def test_gpt2_dora_conv1d_equals_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base", "gpt2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
+                                 target_modules=["c_attn", "c_fc"])
+    run_export(base, adapter, tmp_path / "out")
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter), atol=2e-6)
+
+
+def test_embedding_lora_equals_peft(tmp_path):
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8,
+                                 target_modules=["embed_tokens", "q_proj"])
+    run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert_matches_peft(ours, peft_merged_state(base, adapter))
+    assert "model.embed_tokens.weight" in changed_tensors(base, ours)
+
+
+def test_modules_to_save_with_resized_vocab(tmp_path, probe_ids):
+    from transformers import AutoTokenizer
+
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"], resize_vocab_to=136)
+    # Training that adds tokens saves the extended tokenizer beside the adapter; it must win over the base's.
+    from exporter.demo import build_tokenizer
+
+    build_tokenizer(tmp_path / "base", vocab_size=128)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    tok.add_tokens([f"<new{i}>" for i in range(4)])
+    tok.save_pretrained(adapter)
+    run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert ours["model.embed_tokens.weight"].shape[0] == 136 and ours["lm_head.weight"].shape[0] == 136
+    assert_matches_peft(ours, peft_merged_state(base, adapter, resize_vocab_to=136))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 136
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == len(tok)
+    ids = torch.tensor([[1, 5, 130, 135, 9, 131]])  # includes added rows
+    ref = peft_unmerged_logits(base, adapter, ids, resize_vocab_to=136)
+    assert (model_logits(tmp_path / "out", ids) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_tied_embeddings_are_untied_not_altered(tmp_path, probe_ids, target):
+    """gemma3-shaped, tied: LoRA on one end must not leak into the other (peft #2018)."""
+    base = build_tiny_base(tmp_path / "base", "gemma3")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=[target, "q_proj"])
+    ctx = run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("tied embeddings" in n for n in ctx.notes)
+    assert_matches_peft(ours, peft_merged_state(base, adapter, untie=True))
+    base_embed = load_output(base)["model.embed_tokens.weight"]
+    untouched = "model.embed_tokens.weight" if target == "lm_head" else "lm_head.weight"
+    assert torch.equal(ours[untouched], base_embed)
+    # And against PEFT's unmerged model, which is right even where its merge is not.
+    ref = peft_unmerged_logits(base, adapter, probe_ids)
+    assert (model_logits(tmp_path / "out", probe_ids) - ref).abs().max() <= 1e-4
+
+
+def test_bf16_base_equals_peft_fp32_merge_cast_to_bf16(tmp_path):
+    base = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=ATTN_MLP)
+    ctx = run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    peft = peft_merged_state(base, adapter)  # base upcast to fp32, merged in fp32
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16, name
+        expected = peft[name].to(torch.bfloat16)
+        differing = (tensor != expected).sum().item()
+        # fp32 sums in a different order can land a hair either side of a bf16 rounding boundary: allow a handful of
+        # one-ulp differences, never more.
+        assert differing <= max(1, tensor.numel() // 2000), f"{name}: {differing} elements differ"
+        ulp = torch.finfo(torch.bfloat16).eps * expected.float().abs().clamp_min(1e-30)
+        assert ((tensor.float() - expected.float()).abs() <= ulp).all(), name
+    parity = ctx.artifacts[0].parity
+    assert parity["passed"] and parity["dtype"] == "bfloat16" and parity["kl"] <= 1e-3
+
+
+def test_bf16_accumulation_would_be_worse(tmp_path):
+    """Why we accumulate in fp32: a bf16 merge misses the correctly rounded result on many elements; ours on ~none."""
+    from safetensors.torch import load_file
+
+    base = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=["q_proj"])
+    run_export(base, adapter, tmp_path / "out")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    exact = peft_merged_state(base, adapter)[name].to(torch.bfloat16)  # fp32 merge, rounded once
+    a = load_file(adapter / "adapter_model.safetensors")
+    key = f"base_model.model.{name[:-len('.weight')]}"
+    bf16_merge = load_output(base)[name] + (a[f"{key}.lora_B.weight"].bfloat16() @ a[f"{key}.lora_A.weight"].bfloat16()) * 2.0
+    ours_wrong = (load_output(tmp_path / "out")[name] != exact).float().mean().item()
+    bf16_wrong = (bf16_merge != exact).float().mean().item()
+    assert ours_wrong <= 0.001 and bf16_wrong >= 0.05, (ours_wrong, bf16_wrong)
+
+
+def test_merge_never_writes_into_its_inputs():
+    """fp32 inputs are memory-mapped views in the pipeline: merging must not modify them (a bug parity caught)."""
+    from exporter.merge_math import merge_lora
+
+    w, a, b = torch.randn(70, 16), torch.randn(4, 16), torch.randn(70, 4)
+    before = w.clone()
+    merge_lora(w, a, b, 2.0, name="w")
+    merge_lora(w, a, b, 2.0, name="w", magnitude=torch.rand(70))
+    assert torch.equal(w, before)
