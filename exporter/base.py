@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ def resolve_local_or_cached(spec: str, what: str, marker: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(spec, local_files_only=True))
+            # huggingface_hub reads HF_HUB_CACHE once at import; read it at call time so the setting in force wins.
+            cache_dir = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+            return Path(snapshot_download(spec, local_files_only=True, cache_dir=cache_dir))
         except Exception as e:  # huggingface_hub raises several types for "not in cache"
             raise InputError(spec, f"is not a folder and not in the local Hugging Face cache ({type(e).__name__}).",
                              f"download it first (huggingface-cli download {spec}) or pass a local folder; "

@@ -195,3 +195,14 @@ def test_merge_never_writes_into_its_inputs():
     merge_lora(w, a, b, 2.0, name="w")
     merge_lora(w, a, b, 2.0, name="w", magnitude=torch.rand(70))
     assert torch.equal(w, before)
+
+
+def test_lora_bias_equals_peft(tmp_path):
+    """lora_bias=True trains a bias on B; PEFT merges s·b_B into the base bias (qwen2's q/k/v have biases)."""
+    base = build_tiny_base(tmp_path / "base", "qwen2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, lora_bias=True,
+                                 target_modules=["q_proj", "k_proj"])
+    run_export(base, adapter, tmp_path / "out")
+    ours = load_output(tmp_path / "out")
+    assert_matches_peft(ours, peft_merged_state(base, adapter))
+    assert "model.layers.0.self_attn.k_proj.bias" in changed_tensors(base, ours)

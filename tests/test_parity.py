@@ -1,0 +1,108 @@
+"""Parity: passes a right merge, fails a wrong one, and its reference agrees with PEFT's unmerged model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import build_peft_adapter, build_tiny_base, peft_unmerged_logits, run_export
+from exporter.errors import ParityError
+from exporter.report import compare_logits, judge
+from exporter.tolerances import Tolerance
+
+
+def test_compare_logits_hand_computed():
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    out = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.5, 0.0]])
+    figures = compare_logits(ref, out)
+    p = torch.softmax(ref[0].double(), -1)
+    q = torch.softmax(out[0].double(), -1)
+    kl_row0 = float((p * (p / q).log()).sum())
+    assert figures.kl == pytest.approx(kl_row0 / 2)  # row 1 is identical
+    assert figures.max_abs == 2.0 and figures.top1 == 0.5
+    # Row 0 has a top-2 margin of 2 (decisive) and flipped; row 1 a margin of 0.5 (a near-tie, not judged).
+    assert figures.decisive_positions == 1 and figures.top1_decisive == 0.0
+    assert judge(figures, Tolerance(None, 1.0, 0.99, "")) == ["top-1 0.00% < 99%"]
+    assert judge(figures, Tolerance(1.0, None, None, "")) == ["max|Δ| 2 > 1"]
+    assert judge(figures, Tolerance(None, math.inf, 0.0, "")) == []
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    base = build_tiny_base(root / "base")
+    adapter = build_peft_adapter(root / "adapter", base, r=16, lora_alpha=16,
+                                 target_modules=["q_proj", "v_proj", "down_proj"])
+    return base, adapter
+
+
+def _scale_off_by_sqrt_r(monkeypatch):
+    """Make the *merge* (not the reference) use α/r·√r: the bug of a tool that confuses LoRA and rsLoRA."""
+    import exporter.stages.merge as merge_stage
+
+    real = merge_stage.merge_lora
+
+    def wrong(weight, a, b, scale, **kw):
+        return real(weight, a, b, scale * math.sqrt(a.shape[0]), **kw)
+
+    monkeypatch.setattr(merge_stage, "merge_lora", wrong)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wrong_scale_fails_parity_and_writes_nothing(tiny, tmp_path, monkeypatch, dtype):
+    base, adapter = tiny
+    _scale_off_by_sqrt_r(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(ParityError) as error:
+        run_export(base, adapter, out, dtype=dtype)
+    assert "parity failed" in str(error.value)
+    assert not out.exists()
+    report = json.loads((tmp_path / "out.failed-report.json").read_text())
+    parity = report["artifacts"][0]["parity"]
+    assert parity["passed"] is False and parity["failures"]
+
+
+def test_right_merge_passes_in_both_dtypes(tiny, tmp_path):
+    base, adapter = tiny
+    for dtype in ("float32", "bfloat16"):
+        ctx = run_export(base, adapter, tmp_path / dtype, dtype=dtype)
+        parity = ctx.artifacts[0].parity
+        assert parity["passed"], parity
+        report = json.loads((tmp_path / dtype / "report.json").read_text())
+        assert report["artifacts"][0]["parity"]["kl"] == parity["kl"]
+        assert "Parity against base + adapter" in (tmp_path / dtype / "README.md").read_text()
+
+
+def test_accept_parity_failure_keeps_output_and_says_so(tiny, tmp_path, monkeypatch):
+    base, adapter = tiny
+    _scale_off_by_sqrt_r(monkeypatch)
+    ctx = run_export(base, adapter, tmp_path / "out", accept_parity_failure=True)
+    assert ctx.artifacts[0].parity["passed"] is False
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"][0]["parity"]["passed"] is False
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"])),
+    ("llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])),
+    ("qwen2", dict(r=4, lora_alpha=8, use_rslora=True, lora_bias=True, target_modules=["k_proj"])),
+    ("gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True, target_modules=["c_attn", "c_fc"])),
+    ("gemma3", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "o_proj"])),
+])
+def test_reference_hooks_equal_peft_unmerged(tmp_path, probe_ids, arch, kwargs):
+    """Parity's oracle is our own hooks, so they must agree with PEFT's unmerged forward."""
+    from exporter.adapter import load_adapter
+    from exporter.reference import load_reference
+
+    base = build_tiny_base(tmp_path / "base", arch)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, **kwargs)
+    with torch.no_grad():
+        ours = load_reference(base, load_adapter(adapter), torch.device("cpu"))(input_ids=probe_ids).logits
+    peft = peft_unmerged_logits(base, adapter, probe_ids)
+    assert (ours - peft).abs().max() <= 1e-5
+    # …and the adapter matters: without it the logits are far away.
+    from conftest import model_logits
+
+    assert (model_logits(base, probe_ids) - peft).abs().max() > 1e-2

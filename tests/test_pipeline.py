@@ -1,0 +1,100 @@
+"""The pipeline's machinery: registry, custom stages, sharding, report, model card, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_peft_adapter, build_tiny_base, load_output, model_logits, run_export
+from exporter.errors import ExportError
+from exporter.pipeline import ExportPlan, StageRegistry, default_registry, parse_size, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    base = build_tiny_base(root / "base")
+    adapter = build_peft_adapter(root / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    return base, adapter
+
+
+def test_registry_refuses_duplicates_and_lists_names():
+    registry = default_registry()
+    assert {"load", "merge", "export", "parity"} <= set(registry.names())
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("merge", object)
+    with pytest.raises(ExportError, match="load, merge"):
+        registry.create("mrege")
+
+
+def test_custom_stage_runs_in_order_and_its_check_can_fail(tiny, tmp_path):
+    base, adapter = tiny
+    seen = []
+
+    class Audit:
+        name = "audit"
+
+        def run(self, ctx):
+            seen.append([a.format for a in ctx.artifacts])
+
+        def check(self, ctx):
+            if ctx.plan.dtype == "float16":
+                from exporter.errors import StageCheckError
+
+                raise StageCheckError("audit", "float16 is not allowed here.", "use bfloat16.")
+
+    registry = default_registry()
+    registry.register("audit", Audit)
+    stages = ("load", "merge", "export", "audit", "parity")
+    run_pipeline(ExportPlan(str(base), str(adapter), tmp_path / "a", stages=stages, progress=False), registry)
+    assert seen == [["safetensors"]]
+    with pytest.raises(ExportError, match="float16 is not allowed"):
+        run_pipeline(ExportPlan(str(base), str(adapter), tmp_path / "b", stages=stages, dtype="float16",
+                                progress=False), registry)
+    assert not (tmp_path / "b").exists()
+
+
+def test_sharded_output_has_index_and_loads(tiny, tmp_path, probe_ids):
+    base, adapter = tiny
+    run_export(base, adapter, tmp_path / "out", max_shard_size=parse_size("40kB"))
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
+    assert set(index["weight_map"]) == set(load_output(out))
+    single = run_export(base, adapter, tmp_path / "single")
+    assert single.artifacts[0].parity["passed"]
+    assert torch.equal(model_logits(out, probe_ids), model_logits(tmp_path / "single", probe_ids))
+
+
+def test_report_and_model_card(tiny, tmp_path):
+    base, adapter = tiny
+    run_export(base, adapter, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    import hashlib
+
+    expected = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    assert report["inputs"]["base_sha256"] == {"model.safetensors": expected}
+    assert report["merge"]["lora_modules"] == 4 and report["merge"]["scales"] == [2.0]
+    assert all(m["relative_change"] > 0 for m in report["merge"]["per_tensor"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert str(adapter) in card and expected in card and "lora_alpha/r" in card
+
+
+def test_untrained_adapter_is_flagged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_base(tmp_path / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")  # default init: B = 0, a no-op
+    ctx = run_export(base, tmp_path / "adapter", tmp_path / "out")
+    assert any("changes nothing measurable" in n for n in ctx.notes)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    with pytest.raises(ExportError):
+        parse_size("big")
