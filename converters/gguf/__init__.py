@@ -1,0 +1,1 @@
+"""GGUF: block quantizers (and, later, the architecture map, tokenizer vocab and writer)."""

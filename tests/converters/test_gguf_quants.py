@@ -1,0 +1,37 @@
+"""Our torch GGML block quantizers are byte-identical to gguf-py's reference (a port of ggml-quants.c)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as reference
+from gguf.constants import GGMLQuantizationType as QT
+
+from converters.gguf.quants import quantize
+
+
+def awkward_tensor(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, cols, generator=gen) * torch.logspace(-4, 2, rows).unsqueeze(1)
+    t[0, :32] = 0  # an all-zero block (d = 0)
+    t[1, :32] = 1.5  # all equal: min == max
+    t[2, :32] = torch.tensor([-3.0, 3.0] * 16)  # |max| tie between signs: the first one wins
+    t[3, 5] = 1e-30  # subnormal-scale values
+    # values landing exactly on .5 after scaling exercise the rounding rule
+    t[4, :32] = torch.arange(32, dtype=torch.float32) - 15.5
+    return t
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.F16, QT.BF16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blocks_are_byte_identical_to_gguf_reference(qtype, seed):
+    t = awkward_tensor(64, 256, seed)
+    ours = quantize(t, qtype)
+    expected = reference.quantize(t.numpy(), qtype)
+    assert ours == np.ascontiguousarray(expected).tobytes()
+
+
+def test_rows_must_fit_blocks():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.zeros(2, 40), QT.Q8_0)
