@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 from converters.safetensors_format import HEADER_ALIGNMENT, element_size
 
@@ -29,6 +30,41 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * element_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes to copy from another file as they are: the kernel copies them (copy_file_range), no user-space pass."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+Payload = Union[bytes, memoryview, FileSlice]
+
+
+def _copy_slice(source: FileSlice, dest: BinaryIO) -> None:
+    dest.flush()
+    with open(source.path, "rb") as src:
+        offset, remaining = source.offset, source.length
+        try:
+            while remaining:
+                n = os.copy_file_range(src.fileno(), dest.fileno(), remaining, offset)
+                if n == 0:
+                    raise OSError(f"{source.path} ended before byte {source.offset + source.length}")
+                offset += n
+                remaining -= n
+        except (AttributeError, OSError) as e:  # no copy_file_range (not Linux, cross-device on old kernels)
+            if isinstance(e, OSError) and "ended before" in str(e):
+                raise
+            src.seek(offset)
+            while remaining:
+                chunk = src.read(min(remaining, 64 * 2**20))
+                if not chunk:
+                    raise OSError(f"{source.path} ended before byte {source.offset + source.length}") from None
+                dest.write(chunk)
+                remaining -= len(chunk)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -87,18 +123,22 @@ class ShardedWriter:
         self._handle.write(_header(self.shards[shard_index], self.metadata))
         self._open_index = shard_index
 
-    def write(self, name: str, data: bytes | memoryview) -> None:
+    def write(self, name: str, data: Payload) -> None:
         if self._next >= len(self._queue):
             raise ValueError(f"tensor {name!r} was not planned (all planned tensors are written)")
         shard_index, spec = self._queue[self._next]
         if name != spec.name:
             raise ValueError(f"expected tensor {spec.name!r} next, got {name!r}")
-        if len(memoryview(data).cast("B")) != spec.nbytes:
-            raise ValueError(f"tensor {name!r}: {len(memoryview(data).cast('B'))} bytes, planned {spec.nbytes}")
+        size = data.length if isinstance(data, FileSlice) else len(memoryview(data).cast("B"))
+        if size != spec.nbytes:
+            raise ValueError(f"tensor {name!r}: {size} bytes, planned {spec.nbytes}")
         if shard_index != self._open_index:
             self._switch_to(shard_index)
         assert self._handle is not None
-        self._handle.write(data)
+        if isinstance(data, FileSlice):
+            _copy_slice(data, self._handle)
+        else:
+            self._handle.write(data)
         self.bytes_written += spec.nbytes
         self._next += 1
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from converters.safetensors_out import TensorSpec
+from converters.safetensors_out import Payload, TensorSpec
 from exporter.errors import ExportError, OutputError, ParityError
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Context:
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     # merge → export: the planned output tensors, then the stream of (name, bytes) in that order
     tensor_specs: list[TensorSpec] = field(default_factory=list)
-    tensor_stream: Iterator[tuple[str, memoryview]] | None = None
+    tensor_stream: Iterator[tuple[str, Payload]] | None = None
     config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)
     notes: list[str] = field(default_factory=list)  # things the user must know, shown and written to the report
     artifacts: list[Artifact] = field(default_factory=list)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from converters.safetensors_out import FileSlice, Payload
 from exporter.errors import StageCheckError
 from exporter.layout import OutputTensor
 from exporter.merge_math import merge_lora
@@ -36,8 +37,9 @@ def _merged(ctx: Context, t: OutputTensor) -> torch.Tensor:
         device=ctx.device, check_finite=ctx.plan.check_finite,
     )
     # "Changed nothing measurable" means the stored values are identical after the cast: compare only when the
-    # relative change is small enough for that to be possible.
-    unchanged = result.relative_change < 1e-2 and torch.equal(result.weight.cpu(), weight.to(t.dtype))
+    # relative change is below the output dtype's resolution, the only case where that is possible.
+    unchanged = (result.relative_change < torch.finfo(t.dtype).eps
+                 and torch.equal(result.weight.cpu(), weight.to(t.dtype)))
     ctx.report.setdefault("merge", []).append(
         {"tensor": t.name, "rank": module.rank, "alpha": module.alpha, "scale": module.scale,
          "dora": module.is_dora, "relative_change": result.relative_change, "unchanged": unchanged})
@@ -50,12 +52,13 @@ def _merged_bias(ctx: Context, t: OutputTensor) -> torch.Tensor:
     return (bias + t.module.scale * lora_bias).to(t.dtype)
 
 
-def produce(ctx: Context, t: OutputTensor) -> memoryview:
-    """The bytes of one output tensor."""
+def produce(ctx: Context, t: OutputTensor) -> Payload:
+    """The bytes of one output tensor (or, for an untouched tensor, where to copy them from)."""
     if t.source == "copy":
         source = ctx.base.tensor_file[t.base_name]
-        if source.info(t.base_name).torch_dtype == t.dtype:
-            return source.raw(t.base_name)
+        info = source.info(t.base_name)
+        if info.torch_dtype == t.dtype:
+            return FileSlice(source.path, info.begin, info.nbytes)
         return tensor_bytes(source.tensor(t.base_name).to(t.dtype))
     if t.source == "merge":
         return tensor_bytes(_merged(ctx, t).cpu())
@@ -74,14 +77,14 @@ class MergeStage:
         ctx.tensor_specs = [t.spec() for t in tensors]
         ctx.tensor_stream = self._stream(ctx, tensors)
 
-    def _stream(self, ctx: Context, tensors: list[OutputTensor]) -> Iterator[tuple[str, memoryview]]:
+    def _stream(self, ctx: Context, tensors: list[OutputTensor]) -> Iterator[tuple[str, Payload]]:
         total = sum(s.nbytes for s in ctx.tensor_specs)
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not ctx.plan.progress,
                   leave=False) as bar:
             for t in tensors:
                 data = produce(ctx, t)
                 yield t.name, data
-                bar.update(len(data))
+                bar.update(data.length if isinstance(data, FileSlice) else len(data))
         merged = ctx.report.get("merge", [])
         if merged and all(m["unchanged"] for m in merged):
             ctx.note("the adapter changes nothing measurable: every merged tensor equals the base after the cast "

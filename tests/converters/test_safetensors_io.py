@@ -1,0 +1,59 @@
+"""Our safetensors reader and sharded writer against the safetensors library (the oracle)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters.safetensors_in import SafetensorsError, SafetensorsFile
+from converters.safetensors_out import FileSlice, ShardedWriter, TensorSpec
+
+TENSORS = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7), "c": torch.randn(64, 16),
+           "d": torch.ones(2, 2, dtype=torch.float16), "scalar": torch.tensor(3.5)}
+
+
+@pytest.mark.parametrize("use_kernel_copy", [True, False])
+def test_round_trip_through_library(tmp_path, monkeypatch, use_kernel_copy):
+    save_file(TENSORS, tmp_path / "src.safetensors")
+    src = SafetensorsFile(tmp_path / "src.safetensors")
+    for name, t in TENSORS.items():
+        assert torch.equal(src.tensor(name), t)
+    if not use_kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range")
+    specs = [TensorSpec(n, src.info(n).dtype, src.info(n).shape) for n in src.keys()]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardedWriter(out, specs, max_shard_bytes=300)
+    for i, spec in enumerate(specs):  # alternate the two payload kinds
+        info = src.info(spec.name)
+        writer.write(spec.name, FileSlice(src.path, info.begin, info.nbytes) if i % 2 else src.raw(spec.name))
+    writer.close()
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    loaded = {}
+    for shard in set(weight_map.values()):
+        loaded.update(load_file(out / shard))
+    assert set(loaded) == set(TENSORS) and all(torch.equal(loaded[n], TENSORS[n]) for n in TENSORS)
+
+
+def test_writer_refuses_out_of_order_and_short_data(tmp_path):
+    specs = [TensorSpec("x", "F32", (2,)), TensorSpec("y", "F32", (1,))]
+    writer = ShardedWriter(tmp_path, specs, 10**9)
+    with pytest.raises(ValueError, match="expected tensor 'x'"):
+        writer.write("y", b"\0" * 4)
+    with pytest.raises(ValueError, match="planned 8"):
+        writer.write("x", b"\0" * 4)
+    writer.write("x", b"\0" * 8)
+    with pytest.raises(ValueError, match="never written"):
+        writer.close()
+
+
+def test_truncated_file_is_named(tmp_path):
+    save_file(TENSORS, tmp_path / "t.safetensors")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-10])
+    with pytest.raises(SafetensorsError, match="truncated"):
+        SafetensorsFile(tmp_path / "t.safetensors")
