@@ -109,6 +109,16 @@ class SafetensorsFile:
         return torch.frombuffer(self._map, dtype=info.torch_dtype, count=info.nbytes // DTYPES[info.dtype][1],
                                 offset=info.begin).reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache). Streaming a model through the
+        map would otherwise leave every page touched counted in the process's resident memory."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        start = info.begin - info.begin % mmap.PAGESIZE
+        if info.end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
     def close(self) -> None:
         # Views handed out keep the map alive; mmap.close would fail with exported buffers, so let GC do it.
         self._file.close()

@@ -85,6 +85,8 @@ class MergeStage:
                 data = produce(ctx, t)
                 yield t.name, data
                 bar.update(data.length if isinstance(data, FileSlice) else len(data))
+                if t.base_name is not None:  # written: its pages need not stay in our resident memory
+                    ctx.base.tensor_file[t.base_name].release(t.base_name)
         merged = ctx.report.get("merge", [])
         if merged and all(m["unchanged"] for m in merged):
             ctx.note("the adapter changes nothing measurable: every merged tensor equals the base after the cast "
