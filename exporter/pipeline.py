@@ -72,6 +72,7 @@ class ExportPlan:
     min_top1: float | None = None
     stages: tuple[str, ...] | None = None  # None: DEFAULT_STAGES (parity dropped when parity is off)
     progress: bool = True
+    gguf_pre: str | None = None  # BPE pre-tokenizer name for GGUF when it cannot be identified
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
@@ -86,6 +87,7 @@ class Artifact:
     format: str
     path: Path  # final location
     staged: Path  # where it is written until the run succeeds
+    variant: str = ""  # the dtype (safetensors) or GGUF type it was written in
     parity: dict[str, Any] | None = None
 
 
@@ -100,6 +102,7 @@ class Context:
     out_dtype: torch.dtype | None = None
     staging: Path | None = None  # temporary folder beside the target
     layout: Any = None  # exporter.layout.MergeLayout, set by load
+    hf_dir: Path | None = None  # the merged Hugging Face folder (the output itself, or an intermediate in staging)
     tokenizer_dir: Path | None = None  # the folder whose tokenizer files the output carries (adapter's, else base's)
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     # merge → export: the planned output tensors, then the stream of (name, bytes) in that order
@@ -207,6 +210,8 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
             ctx.timings[stage.name] = time.perf_counter() - start
             log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
         failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity["passed"]]
+        if ctx.hf_dir is not None and ctx.hf_dir != ctx.staging:
+            shutil.rmtree(ctx.hf_dir)  # the merged HF folder was only an intermediate for other formats
         write_run_outputs(ctx)
         if failed and not plan.accept_parity_failure:
             # Keep the figures for the user, outside the (discarded) output.

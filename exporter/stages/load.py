@@ -15,7 +15,7 @@ from exporter.base import load_base, resolve_local_or_cached
 from exporter.errors import ExportError, InputError, StageCheckError
 from exporter.layout import build_layout
 from exporter.pipeline import Context
-from exporter.stages.export import tokenizer_source
+from exporter.stages.export import check_formats_early, tokenizer_source
 
 log = logging.getLogger("lora_export")
 
@@ -104,6 +104,7 @@ class LoadStage:
             "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
         }
         self._check_tokenizer(ctx)
+        check_formats_early(ctx)
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),

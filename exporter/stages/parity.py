@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from exporter.errors import StageCheckError
 from exporter.pipeline import Artifact, Context
 from exporter.reference import load_reference
+from exporter.stages.export import TOKENIZER_FILES, copy_tokenizer
 from exporter.report import compare_logits, format_table, judge
 from exporter.tolerances import Tolerance, tolerance_for
 
@@ -69,9 +74,88 @@ def run_transformers(artifact: Artifact, ctx: Context, probes: list[torch.Tensor
     return logits
 
 
+def _llama(model_path: Path, n_ctx: int, lora_path: Path | None = None) -> Any:
+    from llama_cpp import Llama
+
+    # f32 KV cache and no flash attention: llama.cpp's defaults (f16 cache) add ~5e-3 of logit error on their own.
+    return Llama(model_path=str(model_path), n_ctx=n_ctx, logits_all=True, flash_attn=False, type_k=0, type_v=0,
+                 n_gpu_layers=-1 if torch.cuda.is_available() else 0, n_threads=os.cpu_count() or 1,
+                 lora_path=str(lora_path) if lora_path else None, verbose=False, swa_full=True)
+
+
+def _llama_logits(llm: Any, probes: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    for probe in probes:
+        llm.reset()
+        llm.eval(probe.tolist())
+        rows.append(torch.from_numpy(np.array(llm.scores[: len(probe)], dtype=np.float32)))
+    return torch.cat(rows)
+
+
+def run_llama_cpp(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    llm = _llama(artifact.staged, max(len(p) for p in probes) + 8)
+    try:
+        return _llama_logits(llm, probes)
+    finally:
+        llm.close()
+
+
+def run_llama_cpp_lora(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    """The base as an f32 GGUF (temporary, in staging) with the adapter applied by llama.cpp at run time."""
+    from converters.gguf.writer import write_gguf
+
+    base_gguf = ctx.staging / ".base-for-lora-parity.gguf"
+    with tempfile.TemporaryDirectory(dir=ctx.staging) as tmp:
+        # The base folder may lack the tokenizer (it came with the adapter): assemble a view with both.
+        view = Path(tmp)
+        for item in ctx.base.path.iterdir():
+            if item.suffix in (".safetensors", ".json") and item.name not in TOKENIZER_FILES:
+                (view / item.name).symlink_to(item.resolve())
+        copy_tokenizer(ctx.tokenizer_dir, view)
+        write_gguf(view, base_gguf, "f32", pre_tokenizer=ctx.plan.gguf_pre)
+    try:
+        llm = _llama(base_gguf, max(len(p) for p in probes) + 8, lora_path=artifact.staged)
+        try:
+            return _llama_logits(llm, probes)
+        finally:
+            llm.close()
+    finally:
+        base_gguf.unlink(missing_ok=True)
+
+
+def gguf_tokenizer_agreement(artifact: Artifact, ctx: Context) -> dict[str, Any] | None:
+    """llama.cpp's tokenization of the GGUF against the HF tokenizer's, on the probe texts and a chat turn."""
+    if ctx.tokenizer_dir is None:
+        return None
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ctx.tokenizer_dir, trust_remote_code=False)
+    texts = list(PROBE_TEXTS)
+    if getattr(tok, "chat_template", None):
+        texts.append(tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                             add_generation_prompt=True))
+    model_path = artifact.staged if artifact.format == "gguf" else None
+    if model_path is None:
+        return None
+    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    try:
+        mismatched = []
+        for text in texts:
+            hf_ids = tok(text, add_special_tokens=True)["input_ids"]
+            ours = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            if list(ours) != list(hf_ids):
+                mismatched.append(text[:40])
+    finally:
+        llm.close()
+    return {"texts": len(texts), "mismatched": mismatched}
+
+
 # artifact format -> (runtime name, runner)
 RUNNERS: dict[str, tuple[str, Callable[[Artifact, Context, list[torch.Tensor]], torch.Tensor]]] = {
     "safetensors": ("transformers", run_transformers),
+    "gguf": ("llama.cpp", run_llama_cpp),
+    "gguf-lora": ("llama.cpp+lora", run_llama_cpp_lora),
 }
 
 
@@ -87,23 +171,26 @@ class ParityStage:
     name = "parity"
 
     def run(self, ctx: Context) -> None:
-        tokenizer_dir = ctx.staging if (ctx.staging / "tokenizer_config.json").is_file() else None
+        tokenizer_dir = ctx.hf_dir if (ctx.hf_dir / "tokenizer_config.json").is_file() else None
         reference = load_reference(ctx.base.path, ctx.adapter, ctx.device)
         vocab = reference.get_input_embeddings().weight.shape[0]
         probes = probe_inputs(tokenizer_dir, vocab, ctx.layout.base_vocab or vocab)
         ref_logits = run_logits(reference, probes, ctx.device)
         del reference
-        dtype = str(ctx.out_dtype).replace("torch.", "")
         for artifact in ctx.artifacts:
             if artifact.format not in RUNNERS:
                 log.warning("no parity runner for %s artifacts", artifact.format)
                 continue
             runtime, runner = RUNNERS[artifact.format]
             figures = compare_logits(ref_logits, runner(artifact, ctx, probes))
-            tol = _tolerance(ctx, artifact.format, dtype)
+            tol = _tolerance(ctx, artifact.format, artifact.variant)
             failures = judge(figures, tol)
+            tokenizer = gguf_tokenizer_agreement(artifact, ctx) if artifact.format == "gguf" else None
+            if tokenizer and tokenizer["mismatched"]:
+                failures.append(f"tokenizer differs on {len(tokenizer['mismatched'])} of {tokenizer['texts']} texts")
             artifact.parity = {
-                "format": artifact.format, "path": str(artifact.path), "runtime": runtime, "dtype": dtype,
+                "format": artifact.format, "path": str(artifact.path), "runtime": runtime, "dtype": artifact.variant,
+                "tokenizer": tokenizer,
                 **dataclasses.asdict(figures),
                 "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1},
                 "threshold_reason": tol.reason,

@@ -1,0 +1,190 @@
+"""Tokenizer → GGUF vocabulary: tokens, scores, token types, merges, special ids, add_bos/eos and the chat template.
+
+Three tokenizer kinds, as llama.cpp distinguishes them:
+  * SentencePiece (tokenizer.model)                       → tokenizer.ggml.model "llama", pre "default"
+  * SentencePiece-style BPE in tokenizer.json (byte_fallback, ▁ for spaces: Gemma, Llama 2 fast tokenizers)
+                                                          → "llama", scores from the vocabulary order
+  * byte-level BPE in tokenizer.json (GPT-2, Llama 3, Qwen) → "gpt2" with merges and a named pre-tokenizer
+The BPE pre-tokenizer is identified by the regex in tokenizer.json (robust to fine-tunes that change the vocabulary)
+and, for real checkpoints, by llama.cpp's own fingerprint of a fixed probe text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+from gguf.constants import TokenType
+
+
+class VocabError(ValueError):
+    """The tokenizer cannot be written as a GGUF vocabulary llama.cpp tokenizes identically."""
+
+
+# Split regexes of the byte-level BPE pre-tokenizers llama.cpp implements, as they appear in tokenizer.json.
+PRE_TOKENIZER_REGEXES: dict[str, str] = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+}
+# llama.cpp's fingerprints: sha256 of str(tokenizer.encode(CHECK_TEXT)) for the reference checkpoints.
+PRE_TOKENIZER_HASHES: dict[str, str] = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+}
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis "
+    "concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 "
+    "\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told "
+    "he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+KNOWN_PRE_TOKENIZERS = sorted(set(PRE_TOKENIZER_REGEXES) | set(PRE_TOKENIZER_HASHES.values()) | {"default"})
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[bytes]
+    types: list[int]
+    scores: list[float] | None
+    special: gguf.SpecialVocab
+    add_space_prefix: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def pad_to(self, n_rows: int) -> None:
+        """llama.cpp needs exactly one token per embedding row: fill unused rows with unique placeholders."""
+        if len(self.tokens) > n_rows:
+            raise VocabError(f"the tokenizer has {len(self.tokens)} tokens but the embedding only {n_rows} rows")
+        for i in range(len(self.tokens), n_rows):
+            self.tokens.append(f"[PAD{i}]".encode())
+            self.types.append(TokenType.UNUSED)
+            if self.scores is not None:
+                self.scores.append(-1000.0)
+
+
+def _split_regexes(pre_tokenizer: dict[str, Any] | None) -> list[str]:
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [r for p in pre_tokenizer.get("pretokenizers", []) for r in _split_regexes(p)]
+    if pre_tokenizer.get("type") == "Split":
+        pattern = pre_tokenizer.get("pattern", {})
+        return [pattern.get("Regex") or re.escape(pattern.get("String", ""))]
+    if pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True):
+        return [PRE_TOKENIZER_REGEXES["gpt-2"]]
+    return []
+
+
+def identify_pre_tokenizer(folder: Path, tokenizer_json: dict[str, Any]) -> str | None:
+    regexes = _split_regexes(tokenizer_json.get("pre_tokenizer"))
+    by_regex = {regex: name for name, regex in PRE_TOKENIZER_REGEXES.items()}
+    if len(regexes) == 1 and regexes[0] in by_regex:
+        return by_regex[regexes[0]]
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(folder, trust_remote_code=False).encode(CHECK_TEXT)
+        return PRE_TOKENIZER_HASHES.get(hashlib.sha256(str(ids).encode()).hexdigest())
+    except Exception:  # a tokenizer transformers cannot load is not identifiable either
+        return None
+
+
+def _added_token_types(tokenizer_json: dict[str, Any]) -> dict[int, int]:
+    return {t["id"]: TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED
+            for t in tokenizer_json.get("added_tokens", [])}
+
+
+def _byte_level_bpe(folder: Path, tokenizer_json: dict[str, Any], pre: str | None) -> Vocab:
+    base = gguf.BpeVocab(folder)
+    tokens = [t for t, _, _ in base.bpe_tokens()]
+    added = _added_token_types(tokenizer_json)
+    types = [TokenType.NORMAL] * len(tokens)
+    for text in base.added_tokens_list:
+        tokens.append(text.encode("utf-8"))
+        types.append(TokenType.NORMAL)
+    for token_id, kind in added.items():
+        if token_id < len(types):
+            types[token_id] = kind
+    pre = pre or identify_pre_tokenizer(folder, tokenizer_json)
+    if pre is None:
+        raise VocabError("the byte-level BPE pre-tokenizer in tokenizer.json is not one llama.cpp knows by name, so "
+                         "llama.cpp would split text differently; pass --gguf-pre NAME with the family it follows "
+                         f"(one of: {', '.join(KNOWN_PRE_TOKENIZERS)})")
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:
+        raise VocabError("tokenizer.json has no merges; llama.cpp's BPE tokenizer needs them")
+    return Vocab("gpt2", pre, tokens, types, None, special)
+
+
+def _sentencepiece_style_bpe(folder: Path, tokenizer_json: dict[str, Any]) -> Vocab:
+    model = tokenizer_json["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added = _added_token_types(tokenizer_json)
+    size = max([*vocab.values(), *added]) + 1
+    tokens: list[bytes] = [b""] * size
+    types = [TokenType.UNUSED] * size
+    scores = [-1000.0] * size
+    for text, token_id in vocab.items():
+        tokens[token_id] = text.encode("utf-8")
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types[token_id], scores[token_id] = TokenType.BYTE, 0.0
+        else:
+            # SentencePiece BPE ranks merges by score, and the vocabulary is stored in score order: -id keeps it.
+            types[token_id], scores[token_id] = TokenType.NORMAL, -float(token_id)
+    for t in tokenizer_json.get("added_tokens", []):
+        tokens[t["id"]] = t["content"].encode("utf-8")
+        types[t["id"]], scores[t["id"]] = added[t["id"]], -1000.0
+    unk = model.get("unk_token")
+    if unk in vocab:
+        types[vocab[unk]] = TokenType.UNKNOWN
+    for i, token in enumerate(tokens):
+        if not token:
+            tokens[i] = f"[PAD{i}]".encode()
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {})
+    pre_tok = tokenizer_json.get("pre_tokenizer") or {}
+    prepends = '"Prepend"' in normalizer or pre_tok.get("prepend_scheme") in ("first", "always")
+    return Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(folder, n_vocab=size),
+                 add_space_prefix=prepends)
+
+
+def _sentencepiece(folder: Path) -> Vocab:
+    base = gguf.SentencePieceVocab(folder)
+    tokens, scores, types = [], [], []
+    for text, score, kind in base.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    return Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(folder, n_vocab=len(tokens)))
+
+
+def load_vocab(folder: Path, pre_override: str | None = None) -> Vocab:
+    """Read the tokenizer in ``folder`` (tokenizer.model preferred, else tokenizer.json)."""
+    if pre_override is not None and pre_override not in KNOWN_PRE_TOKENIZERS:
+        raise VocabError(f"pre-tokenizer '{pre_override}' is unknown; use one of {', '.join(KNOWN_PRE_TOKENIZERS)}")
+    if (folder / "tokenizer.model").is_file():
+        return _sentencepiece(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise VocabError("no tokenizer.model or tokenizer.json: a GGUF needs the tokenizer inside it")
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_style_bpe(folder, tokenizer_json)
+    decoder = (tokenizer_json.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and decoder == "ByteLevel":
+        return _byte_level_bpe(folder, tokenizer_json, pre_override)
+    raise VocabError(f"tokenizer.json uses a {model.get('type')} model with a {decoder} decoder, which lora-export "
+                     "cannot convert for llama.cpp yet (supported: SentencePiece, byte-level BPE)")

