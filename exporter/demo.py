@@ -23,13 +23,27 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 320) -> int:
-    """A byte-level BPE tokenizer trained on a few sentences, with special tokens and a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Split regexes of the common byte-level BPE families (as in their tokenizer.json): Llama 3 and Qwen 2.
+SPLIT_REGEXES = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 320, family: str = "gpt-2") -> int:
+    """A byte-level BPE tokenizer trained on a few sentences, with special tokens and a chat template. ``family``
+    picks the pre-tokenizer: GPT-2's ByteLevel regex, or the Split regex of Llama 3 ("llama-bpe") or Qwen 2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_REGEXES[family]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"]
     # No forced 256-byte alphabet: the corpus' own characters keep the vocabulary small enough for tiny models.

