@@ -53,7 +53,10 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
 @click.option("--to", "formats", default="safetensors", show_default=True,
-              help="Export format(s), comma-separated.")
+              help="Export format(s), comma-separated: safetensors, gguf[:TYPE] (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 "
+                   "q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora (the adapter for llama.cpp --lora).")
+@click.option("--gguf-pre", default=None,
+              help="GGUF: the BPE pre-tokenizer name (llama-bpe, qwen2, gpt-2, …) when it cannot be identified.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Dtype of the merged weights. [default: the base's]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -69,15 +72,17 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--max-kl", type=float, default=None, help="Parity: mean KL(ref‖out) allowed (overrides the default).")
 @click.option("--min-top1", type=float, default=None, help="Parity: top-1 agreement on decisive positions (0-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(base: str, adapter: str, out: Path, formats: str, dtype: str | None, device: str, parity: str,
+def run(base: str, adapter: str, out: Path, formats: str, gguf_pre: str | None, dtype: str | None, device: str,
+        parity: str,
         overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
         accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
         no_progress: bool) -> None:
     """Merge ADAPTER into BASE and export it.
 
     \b
-    Example:
+    Examples:
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./merged --dtype bfloat16
+      lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./gguf --to gguf:q8_0,gguf:q4_k_m
     """
     try:
         plan = ExportPlan(
@@ -85,7 +90,7 @@ def run(base: str, adapter: str, out: Path, formats: str, dtype: str | None, dev
             dtype=dtype, device=device, parity=parity == "on", overwrite=overwrite, allow_pickle=allow_pickle,
             max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
             accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,
-            progress=not no_progress,
+            progress=not no_progress, gguf_pre=gguf_pre,
         )
         ctx = run_pipeline(plan)
     except ExportError as e:
