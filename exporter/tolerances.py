@@ -23,16 +23,17 @@ class Tolerance:
 
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("safetensors", "float32"): Tolerance(
-        1e-4, None, None,
-        "fp32 weights run in fp32 differ from the fp32 reference only by summation order (measured ~1e-6 on tiny "
-        "models); 1e-4 leaves room for deep models and still catches any wrong scale by orders of magnitude."),
+        1e-3, None, None,
+        "fp32 weights in fp32 differ from the fp32 reference only by summation order: ~1e-6 on tiny models, 1.6e-4 "
+        "on Gemma 3 270M (logits up to ~40; PEFT's own fp32 merge measures 1.1e-4 there). 1e-3 clears that noise "
+        "and still fails a wrong scale by orders of magnitude."),
     ("safetensors", "bfloat16"): Tolerance(
         None, 1e-3, 0.99,
-        "bf16 keeps 8 mantissa bits, so logits move by ~1e-2 and near-ties flip; the distribution must not "
-        "(KL ≈ 1e-4 measured for PEFT's own bf16 merge of Gemma 3 270M)."),
+        "bf16 storage keeps 8 mantissa bits, so logits move by ~1e-2 and near-ties flip; the distribution must not. "
+        "Run with float32 compute (see parity.py), PEFT's own bf16 merge of Gemma 3 270M measures KL ≈ 1e-4."),
     ("safetensors", "float16"): Tolerance(
         None, 1e-3, 0.99,
-        "fp16 rounds weights to 11 mantissa bits: smaller error than bf16, judged the same way."),
+        "fp16 storage rounds weights to 11 mantissa bits: smaller error than bf16, judged the same way."),
     ("gguf", "f32"): Tolerance(
         1e-3, None, None,
         "llama.cpp in f32 (f32 KV cache, flash attention off) differs from transformers by kernel summation order "

@@ -65,9 +65,15 @@ def run_logits(model: torch.nn.Module, probes: list[torch.Tensor], device: torch
 
 
 def run_transformers(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    """The folder as transformers loads it, weights exactly as stored, computed in float32.
+
+    float32 compute makes the figures measure the artifact (the merge and the rounding of its weights), not bf16
+    arithmetic: running Gemma 3 270M's *unmodified* base in bf16 already gives KL ≈ 1e-2 against fp32 on random-token
+    probes, the same for any bf16 model, PEFT's own merge included.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(artifact.staged, dtype=ctx.out_dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(artifact.staged, dtype=torch.float32, trust_remote_code=False)
     model.eval().to(ctx.device)
     logits = run_logits(model, probes, ctx.device)
     del model
