@@ -53,7 +53,21 @@ for _name in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"):
         None, 1.0, None, "lossy by design: figures are reported; only a KL above 1 nat (a broken file) fails.")
 
 
-def tolerance_for(fmt: str, dtype: str) -> Tolerance:
+# Architecture-specific exceptions, (format, type, HF architecture) -> Tolerance.
+_GELU_F32 = Tolerance(
+    None, 1e-4, 0.99,
+    "ggml computes GELU through an fp16 lookup table, so llama.cpp's f32 logits for GELU models sit ~2e-3 from the "
+    "exact function (measured: llama.cpp matches an HF Gemma 2 whose GELU is rounded through fp16 to 2.5e-6); "
+    "judged by KL (measured ~1e-8) and top-1 instead of max |Δ|.")
+ARCH_TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
+    (fmt, "f32", arch): _GELU_F32
+    for fmt in ("gguf", "gguf-lora") for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+}
+
+
+def tolerance_for(fmt: str, dtype: str, architecture: str | None = None) -> Tolerance:
+    if (fmt, dtype, architecture) in ARCH_TOLERANCES:
+        return ARCH_TOLERANCES[(fmt, dtype, architecture)]
     try:
         return TOLERANCES[(fmt, dtype)]
     except KeyError:

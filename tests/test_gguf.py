@@ -68,6 +68,25 @@ def llama_cpp_logits(path, ids: list[int], lora=None) -> torch.Tensor:
 
 
 PROBE = [5, 17, 33, 2, 90, 101, 64, 7, 120, 45, 3, 77]
+GELU_ARCHS = ("gemma2", "gemma3")
+
+
+class Fp16TableGelu(torch.nn.Module):
+    """GELU(tanh) as ggml's CPU backend computes it: input and output rounded through fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+
+
+@torch.no_grad()
+def peft_unmerged_logits_ggml_gelu(base, adapter, ids: list[int]) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = Fp16TableGelu()
+    return PeftModel.from_pretrained(model, adapter).eval()(input_ids=torch.tensor([ids])).logits[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
@@ -78,13 +97,15 @@ def test_every_architecture_runs_in_llama_cpp_like_the_unmerged_model(tmp_path, 
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf:f16", "gguf:q8_0"))
     parity = {a.variant: a.parity for a in ctx.artifacts}
     assert all(p["passed"] for p in parity.values()), parity
-    assert parity["f32"]["max_abs"] <= 1e-3 and parity["q8_0"]["top1_decisive"] >= 0.95
+    assert parity["f32"]["max_abs"] <= (5e-3 if arch in GELU_ARCHS else 1e-3)  # GELU: ggml's fp16 table
+    assert parity["f32"]["kl"] <= 1e-6 and parity["q8_0"]["top1_decisive"] >= 0.95
     assert parity["f32"]["tokenizer"]["mismatched"] == []
-    # Independent of our reference: llama.cpp on the F32 file against PEFT's unmerged model.
-    ref = peft_unmerged_logits(base, adapter, torch.tensor([PROBE]))[0]
+    # Independent of our reference: llama.cpp on the F32 file against PEFT's unmerged model. ggml computes GELU
+    # through an fp16 table, so for GELU models the oracle is PEFT with GELU rounded the same way.
+    ref = peft_unmerged_logits_ggml_gelu(base, adapter, PROBE) if arch in GELU_ARCHS else \
+        peft_unmerged_logits(base, adapter, torch.tensor([PROBE]))[0]
     ours = llama_cpp_logits(tmp_path / "out" / "model-F32.gguf", PROBE)
-    assert (ours - ref).abs().max() <= 1e-3
-    assert (ref - peft_unmerged_logits(base, adapter, torch.tensor([PROBE]))[0]).abs().max() == 0  # deterministic
+    assert (ours - ref).abs().max() <= 5e-4 if arch in GELU_ARCHS else (ours - ref).abs().max() <= 1e-4
     out_files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out_files == ["Modelfile.f16", "Modelfile.f32", "Modelfile.q8_0", "README.md", "model-F16.gguf",
                          "model-F32.gguf", "model-Q8_0.gguf", "report.json"]

@@ -170,8 +170,31 @@ def _sentencepiece(folder: Path) -> Vocab:
     return Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(folder, n_vocab=len(tokens)))
 
 
+def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> None:
+    """Write add_bos/add_eos as the HF tokenizer actually behaves. Left unset, llama.cpp guesses from the
+    pre-tokenizer (llama-bpe and tekken force a BOS), and tokenization then differs from transformers."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        full = tok("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # no transformers tokenizer: keep what tokenizer_config/tokenizer.json said
+        return
+    if plain and len(full) >= len(plain):
+        start = full.index(plain[0]) if plain[0] in full else 0
+        special.add_special_token["bos"] = start > 0 and full[0] == tok.bos_token_id
+        special.add_special_token["eos"] = len(full) > start + len(plain) and full[-1] == tok.eos_token_id
+
+
 def load_vocab(folder: Path, pre_override: str | None = None) -> Vocab:
     """Read the tokenizer in ``folder`` (tokenizer.model preferred, else tokenizer.json)."""
+    vocab = _load_vocab(folder, pre_override)
+    _hf_special_token_behaviour(folder, vocab.special)
+    return vocab
+
+
+def _load_vocab(folder: Path, pre_override: str | None) -> Vocab:
     if pre_override is not None and pre_override not in KNOWN_PRE_TOKENIZERS:
         raise VocabError(f"pre-tokenizer '{pre_override}' is unknown; use one of {', '.join(KNOWN_PRE_TOKENIZERS)}")
     if (folder / "tokenizer.model").is_file():

@@ -166,7 +166,7 @@ RUNNERS: dict[str, tuple[str, Callable[[Artifact, Context, list[torch.Tensor]], 
 
 
 def _tolerance(ctx: Context, fmt: str, dtype: str) -> Tolerance:
-    tol = tolerance_for(fmt, dtype)
+    tol = tolerance_for(fmt, dtype, next(iter(ctx.base.config.get("architectures") or []), None))
     plan = ctx.plan
     overrides = {k: v for k, v in (("max_abs", plan.max_abs), ("max_kl", plan.max_kl), ("min_top1", plan.min_top1))
                  if v is not None}
