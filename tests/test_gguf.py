@@ -241,3 +241,12 @@ def test_k_quant_through_llama_cpp(tmp_path):
     reader = GGUFReader(tmp_path / "out" / "model-Q4_K_M.gguf")
     types = {t.tensor_type.name for t in reader.tensors}
     assert types - {"F32"}  # quantized something, and the file loads in llama.cpp (parity ran it)
+
+
+def test_gemma2_with_an_untied_head_is_refused(tmp_path):
+    """llama.cpp's gemma2 has no output tensor: an lm_head LoRA cannot be carried, and must not be dropped silently."""
+    base = tiny_base(tmp_path / "base", "gemma2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["lm_head"])
+    with pytest.raises(ExportError, match="always uses the token embedding"):
+        run_export(base, adapter, tmp_path / "out", formats=("gguf:f16",))
+    assert not (tmp_path / "out").exists()

@@ -118,6 +118,11 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
             name = gguf_tensor_name(spec, hp, info.name)
             if name is not None:
                 plan.append((name, info.name, shard, info.shape, tensor_type(name, info.shape, gguf_type.weight_type)))
+    if not spec.has_output and any(shard.tensors.get("lm_head.weight") for shard in shards) \
+            and not hp.get("tie_word_embeddings", True):
+        raise GGUFExportError(f"llama.cpp's {spec.name} always uses the token embedding as the output head, but this "
+                              "model's lm_head differs from it (an adapter changed one of them); the GGUF would drop "
+                              "that change")
     rope_factors = llama3_rope_factors(hp)
     if rope_factors is not None:
         plan.append(("rope_freqs.weight", "", None, tuple(rope_factors.shape), QT.F32))

@@ -124,7 +124,7 @@ def provenance(ctx: Context) -> dict[str, str]:
         "general.base_model.0.name": str(ctx.base.config.get("_name_or_path") or ctx.base.path.name),
         "general.description": f"{ctx.base.path.name} merged with LoRA adapter {adapter.path.name} by lora-export",
         "lora_export.version": VERSION,
-        "lora_export.adapter": str(adapter.base_model_name and adapter.path.name),
+        "lora_export.adapter": adapter.path.name,
         "lora_export.merge": f"W' = W + s*(B@A), s = {form} per module, fp32 accumulate"
                              + ("; DoRA magnitude-normalised" if adapter.use_dora else ""),
     }
