@@ -62,6 +62,7 @@ class Vocab:
     scores: list[float] | None
     special: gguf.SpecialVocab
     add_space_prefix: bool | None = None
+    remove_extra_whitespaces: bool | None = None
     notes: list[str] = field(default_factory=list)
 
     def pad_to(self, n_rows: int) -> None:
@@ -161,13 +162,22 @@ def _sentencepiece_style_bpe(folder: Path, tokenizer_json: dict[str, Any]) -> Vo
 
 
 def _sentencepiece(folder: Path) -> Vocab:
+    from sentencepiece import sentencepiece_model_pb2
+
     base = gguf.SentencePieceVocab(folder)
     tokens, scores, types = [], [], []
     for text, score, kind in base.all_tokens():
         tokens.append(text)
         scores.append(score)
         types.append(kind)
-    return Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(folder, n_vocab=len(tokens)))
+    # The normalizer's flags change tokenization ("a  b" vs "a b", a leading "▁"); llama.cpp reads them from keys
+    # that default to other values, so carry them over from the model itself.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    vocab = Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(folder, n_vocab=len(tokens)),
+                  add_space_prefix=proto.normalizer_spec.add_dummy_prefix)
+    vocab.remove_extra_whitespaces = proto.normalizer_spec.remove_extra_whitespaces
+    return vocab
 
 
 def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> None:

@@ -150,6 +150,8 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
             writer.add_token_scores(vocab.scores)
         if vocab.add_space_prefix is not None:
             writer.add_add_space_prefix(vocab.add_space_prefix)
+        if vocab.remove_extra_whitespaces is not None:
+            writer.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
         vocab.special.add_to_gguf(writer, quiet=True)
 
         for name, _, _, shape, qtype in plan:

@@ -157,8 +157,9 @@ def _write_modelfile(ctx: Context, gguf_name: str, spec: FormatSpec) -> None:
     template = tok_config.get("chat_template")
     if template is None and (ctx.hf_dir / "chat_template.jinja").is_file():
         template = (ctx.hf_dir / "chat_template.jinja").read_text()
-    special = {k: v if isinstance(v, str) else (v or {}).get("content", "")
-               for k, v in tok_config.items() if k.endswith("_token") and v}
+    # "bos_token": "<s>" or {"content": "<s>", …}; flags such as "add_bos_token": true are not tokens.
+    special = {k: v if isinstance(v, str) else v.get("content", "")
+               for k, v in tok_config.items() if k.endswith("_token") and isinstance(v, (str, dict))}
     text, notes = modelfile(gguf_name, template if isinstance(template, str) else None, special,
                             [special.get("eos_token", "")])
     for note in notes:
