@@ -21,9 +21,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars cover the long work; theirs would interleave
 
 
 def _fail(error: ExportError) -> None:
@@ -35,8 +32,6 @@ def _print_result(ctx) -> None:
     table = ctx.report.get("parity_table")
     if table:
         click.echo(table)
-    for note in ctx.notes:
-        click.echo(f"note: {note}")
     click.echo(f"wrote {ctx.plan.out} (report: {ctx.plan.out / 'report.json'})")
 
 

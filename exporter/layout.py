@@ -48,8 +48,22 @@ class MergeLayout:
     base_vocab: int | None = None  # rows of the base's input embedding, before any resize
 
 
-def module_types(base: BaseModel) -> tuple[dict[str, str], str | None, str | None]:
-    """{module name: linear|conv1d|embedding}, input-embedding and output-embedding module names (meta device)."""
+# Architectures whose adaptable weights are all nn.Linear, with their input and output embedding modules: for these
+# the model need not be built at all (importing transformers' modeling code costs ~2 s per run). Other architectures
+# (GPT-2's Conv1D, anything new) are instantiated on the meta device. tests/test_layout.py checks this table against
+# transformers itself.
+LINEAR_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    model_type: ("model.embed_tokens", "lm_head")
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+}
+
+
+def module_types(base: BaseModel) -> tuple[dict[str, str], str | None, str | None, str | None]:
+    """({module name: linear|conv1d|embedding}, default kind for modules not listed, input-embedding and
+    output-embedding module names)."""
+    known = LINEAR_ARCHITECTURES.get(base.config.get("model_type", ""))
+    if known is not None:
+        return {known[0]: "embedding"}, "linear", known[0], known[1]
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -61,7 +75,7 @@ def module_types(base: BaseModel) -> tuple[dict[str, str], str | None, str | Non
     except Exception as e:  # an architecture transformers does not know: fall back to shapes
         log.warning("could not instantiate %s on the meta device (%s); module types are inferred from shapes",
                     base.path, e)
-        return {}, None, None
+        return {}, None, None, None
     kinds: dict[str, str] = {}
     by_id: dict[int, str] = {}
     for name, module in model.named_modules():
@@ -73,7 +87,7 @@ def module_types(base: BaseModel) -> tuple[dict[str, str], str | None, str | Non
         elif isinstance(module, nn.Linear):
             kinds[name] = "linear"
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-    return kinds, by_id.get(id(inp)), (by_id.get(id(outp)) if outp is not None else None)
+    return kinds, None, by_id.get(id(inp)), (by_id.get(id(outp)) if outp is not None else None)
 
 
 def _expected_shape(layout: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -83,7 +97,7 @@ def _expected_shape(layout: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
 
 
 def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> MergeLayout:
-    kinds, input_embed, output_embed = module_types(base)
+    kinds, default_kind, input_embed, output_embed = module_types(base)
     input_weight = f"{input_embed}.weight" if input_embed else None
     output_weight = f"{output_embed}.weight" if output_embed else None
     tied = base.tie_word_embeddings and output_weight is not None and not base.has(output_weight)
@@ -112,7 +126,7 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
         if module.kind == "embedding":
             layout = "embedding"
         else:
-            layout = kinds.get(module.name) or ""
+            layout = kinds.get(module.name) or default_kind or ""
             if layout not in ("linear", "conv1d"):
                 # Unknown module type: infer from shapes; a square weight follows the adapter's fan_in_fan_out.
                 as_linear = tuple(w_shape) == _expected_shape("linear", a_shape, b_shape)

@@ -206,3 +206,14 @@ def test_lora_bias_equals_peft(tmp_path):
     ours = load_output(tmp_path / "out")
     assert_matches_peft(ours, peft_merged_state(base, adapter))
     assert "model.layers.0.self_attn.k_proj.bias" in changed_tensors(base, ours)
+
+
+def test_merge_that_overflows_the_output_dtype_is_an_error():
+    """fp16 holds at most 65504: a merged value beyond it would silently become Inf in the file."""
+    from exporter.errors import NonFiniteError
+    from exporter.merge_math import merge_lora
+
+    w, a, b = torch.zeros(64, 32), torch.full((2, 32), 300.0), torch.full((64, 2), 300.0)
+    with pytest.raises(NonFiniteError, match="layer.w"):
+        merge_lora(w, a, b, 1.0, name="layer.w", out_dtype=torch.float16)
+    assert torch.isfinite(merge_lora(w, a, b, 1.0, name="layer.w", out_dtype=torch.bfloat16).weight).all()

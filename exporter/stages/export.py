@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from converters.safetensors_in import read_header
-from converters.safetensors_out import INDEX_NAME, ShardedWriter
+from converters.safetensors_out import INDEX_NAME, Payload, ShardedWriter
 from exporter.errors import ExportError, InputError, StageCheckError
 from exporter.pipeline import Artifact, Context
 
@@ -97,12 +99,39 @@ def merged_config(ctx: Context) -> dict:
     return config
 
 
+def _write_overlapped(writer: ShardedWriter, stream: Iterator[tuple[str, Payload]]) -> None:
+    """Write tensor i on a second thread while tensor i+1 is merged (file writes release the GIL). At most two
+    tensors wait in the queue, so memory stays at a few tensors."""
+    pending: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        while (item := pending.get()) is not None:
+            if not failure:  # after a failure keep draining, so the producer never blocks on a full queue
+                try:
+                    writer.write(*item)
+                except BaseException as e:  # handed to the main thread below
+                    failure.append(e)
+
+    thread = threading.Thread(target=work, name="lora-export-writer", daemon=True)
+    thread.start()
+    try:
+        for item in stream:
+            if failure:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
 def write_hf_folder(ctx: Context, folder: Path) -> None:
     """Consume the merge stream into a Hugging Face folder: shards, index, config, generation config, tokenizer."""
     folder.mkdir(exist_ok=True)
     writer = ShardedWriter(folder, ctx.tensor_specs, ctx.plan.max_shard_size, metadata={"lora_export": "merged"})
-    for name, data in ctx.tensor_stream:
-        writer.write(name, data)
+    _write_overlapped(writer, ctx.tensor_stream)
     writer.close()
     (folder / "config.json").write_text(json.dumps(merged_config(ctx), indent=2, sort_keys=True) + "\n")
     if (ctx.base.path / "generation_config.json").is_file():

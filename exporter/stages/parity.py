@@ -1,18 +1,20 @@
 """parity: run each artifact in the runtime its users run and compare it with the unmerged model, base + adapter.
 
 Probes are short texts through the output's tokenizer (plus a rendered chat turn when there is a chat template),
-random token ids over the whole vocabulary, and the rows added to a resized vocabulary. The reference (float32, hooks)
-is computed once and shared by every artifact.
+random token ids over the whole vocabulary, and the rows added to a resized vocabulary. Text probes are judged by the
+declared tolerance, random ids (out of distribution, where rounding is amplified) by a looser one: see tolerances.py.
+The reference (float32, hooks) is computed once and shared by every artifact. GGUF files also have their tokenizer
+checked: llama.cpp must tokenize the probe texts exactly as transformers does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +45,28 @@ class Probes:
     is_text: list[bool]  # tokenized text (in distribution) or random ids (out of distribution)
 
 
+def probe_texts(tok: Any) -> list[str]:
+    """The fixed texts, plus one chat turn rendered by the model's own template when it has one."""
+    texts = list(PROBE_TEXTS)
+    if getattr(tok, "chat_template", None):
+        texts.append(tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                             add_generation_prompt=True))
+    return texts
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def probe_inputs(tokenizer_dir: Path | None, vocab_size: int, base_vocab: int) -> Probes:
     inputs: list[torch.Tensor] = []
     if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-        for text in PROBE_TEXTS:
-            inputs.append(torch.tensor(tok(text)["input_ids"]))
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-            inputs.append(torch.tensor(ids).reshape(-1))
+        tok = _tokenizer(tokenizer_dir)
+        # add_special_tokens=False for the rendered chat turn: the template already wrote its own BOS.
+        inputs += [torch.tensor(tok(text, add_special_tokens=i < len(PROBE_TEXTS))["input_ids"])
+                   for i, text in enumerate(probe_texts(tok))]
     n_text = len(inputs)
     gen = torch.Generator().manual_seed(PROBE_SEED)
     for _ in range(RANDOM_SEQUENCES):
@@ -144,24 +156,14 @@ def gguf_tokenizer_agreement(artifact: Artifact, ctx: Context) -> dict[str, Any]
     if ctx.tokenizer_dir is None:
         return None
     from llama_cpp import Llama
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ctx.tokenizer_dir, trust_remote_code=False)
-    texts = list(PROBE_TEXTS)
-    if getattr(tok, "chat_template", None):
-        texts.append(tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
-                                             add_generation_prompt=True))
-    model_path = artifact.staged if artifact.format == "gguf" else None
-    if model_path is None:
-        return None
-    llm = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    tok = _tokenizer(ctx.tokenizer_dir)
+    texts = probe_texts(tok)
+    llm = Llama(model_path=str(artifact.staged), vocab_only=True, verbose=False)
     try:
-        mismatched = []
-        for text in texts:
-            hf_ids = tok(text, add_special_tokens=True)["input_ids"]
-            ours = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-            if list(ours) != list(hf_ids):
-                mismatched.append(text[:40])
+        mismatched = [text[:40] for text in texts
+                      if llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+                      != tok(text, add_special_tokens=True)["input_ids"]]
     finally:
         llm.close()
     return {"texts": len(texts), "mismatched": mismatched}
@@ -199,6 +201,9 @@ class ParityStage:
     name = "parity"
 
     def run(self, ctx: Context) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' per-load bars would interleave with ours
         tokenizer_dir = ctx.hf_dir if (ctx.hf_dir / "tokenizer_config.json").is_file() else None
         reference = load_reference(ctx.base.path, ctx.adapter, ctx.device)
         vocab = reference.get_input_embeddings().weight.shape[0]
