@@ -15,9 +15,10 @@ import torch
 
 from exporter.errors import NonFiniteError
 
-# Elements merged per step on the CPU: a 1 MiB fp32 block plus its bf16 source stays in L2 cache, which makes the
-# convert-add-convert several times faster than whole-tensor passes on a 2-core machine.
-_CPU_BLOCK_ELEMENTS = 256 * 1024
+# Elements merged per step on the CPU: a 4 MiB fp32 block plus its bf16 source stays in cache, which makes the
+# convert-add-convert several times faster than whole-tensor passes (1.6 GB/s vs 0.34 GB/s of bf16 on 2 cores), and
+# large enough that the per-block Python overhead stays small.
+_CPU_BLOCK_ELEMENTS = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def merge_lora(
         rows_per_block = max(1, _CPU_BLOCK_ELEMENTS // max(1, weight.shape[1]))
         buffer = torch.empty(min(rows_per_block, weight.shape[0]), weight.shape[1], dtype=torch.float32)
         largest_allowed = torch.finfo(out_dtype).max
-        base_sq, worst = 0.0, 0.0
+        base_sq, in_range = 0.0, True
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -106,15 +107,18 @@ def merge_lora(
                 # vector_norm, not dot: torch.dot on the CPU is ~200x slower for this size (measured, torch 2.13).
                 base_sq += float(torch.linalg.vector_norm(block)) ** 2
                 block.addmm_(left[start:stop], right, alpha=scale)
-                if check_finite:  # NaN propagates through the max; a value past the output dtype's range is Inf there
-                    worst = max(worst, float(torch.linalg.vector_norm(block, ord=float("inf"))))
+                if check_finite:
+                    # aminmax propagates NaN, and every comparison with NaN is False; a value past the output dtype's
+                    # range would become Inf in the file. (vector_norm(ord=inf) takes a ~25x slower path.)
+                    low, high = torch.aminmax(block)
+                    in_range = in_range and float(low) >= -largest_allowed and float(high) <= largest_allowed
                 merged[start:stop].copy_(block)
         finally:
             torch.set_num_threads(threads)
         base_norm = base_sq**0.5
-        if check_finite and not worst <= largest_allowed:
-            _finite_or_raise(merged, name, "the merged tensor")
-            raise NonFiniteError(name, f"the merged tensor reaches {worst:.3g}, beyond what {out_dtype} holds.",
+        if check_finite and not in_range:
+            _finite_or_raise(merged, name, "the merged tensor")  # NaN, or a value the cast turned into Inf
+            raise NonFiniteError(name, f"the merged tensor has values beyond what {out_dtype} holds.",
                                  "merge to float32 or bfloat16 instead (--dtype).")
     else:
         w = source.to(torch.float32, copy=True)
