@@ -232,13 +232,13 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def transform(spec: ArchSpec, hp: dict[str, Any], hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor as llama.cpp expects it (float32 in, float32 out)."""
+    """The tensor as llama.cpp expects it. Permutations keep the dtype; the norm shift is computed in float32."""
     if spec.permute_qk and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         return permute_rows(tensor, hp["num_attention_heads"])
     if spec.permute_qk and hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
         return permute_rows(tensor, hp.get("num_key_value_heads") or hp["num_attention_heads"])
     if spec.norm_shift and hf_name.endswith("norm.weight"):
-        return tensor + 1.0
+        return tensor.to(torch.float32) + 1.0
     return tensor
 
 

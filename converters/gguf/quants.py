@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
@@ -102,18 +103,21 @@ KERNELS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def quantize(tensor: torch.Tensor, qtype: QT, *, rows_per_chunk: int = 4096) -> bytes:
-    """Quantize a tensor row-major into GGML blocks. The last dimension must be a multiple of the block size."""
+def quantize(tensor: torch.Tensor, qtype: QT, *, rows_per_chunk: int = 4096) -> np.ndarray:
+    """Quantize a tensor (any float dtype) row-major into GGML blocks: a flat uint8 array. Rows are converted to
+    float32 a chunk at a time, so memory stays at one chunk beyond the output. The last dimension must be a multiple
+    of the block size."""
     if qtype not in KERNELS:
         raise ValueError(f"no direct kernel for {qtype.name}; direct types: {', '.join(k.name for k in KERNELS)}")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if tensor.shape[-1] % block_size:
+    if tensor.shape and tensor.shape[-1] % block_size:
         raise ValueError(f"{qtype.name} needs rows that are a multiple of {block_size}, got {tuple(tensor.shape)}")
-    rows = tensor.reshape(-1, tensor.shape[-1])
-    out = []
-    for start in range(0, rows.shape[0], rows_per_chunk):  # bounded memory for large tensors
-        blocks = rows[start:start + rows_per_chunk].to(torch.float32).reshape(-1, block_size)
-        packed = KERNELS[qtype](blocks)
+    rows = tensor.reshape(-1, tensor.shape[-1] if tensor.shape else 1)
+    row_bytes = rows.shape[1] // block_size * type_size
+    out = np.empty(rows.shape[0] * row_bytes, dtype=np.uint8)
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = rows[start:start + rows_per_chunk]
+        packed = KERNELS[qtype](chunk.to(torch.float32).reshape(-1, block_size))
         assert packed.shape[1] == type_size, (qtype, packed.shape)
-        out.append(packed.cpu().numpy().tobytes())
-    return b"".join(out)
+        out[start * row_bytes:(start + chunk.shape[0]) * row_bytes] = packed.cpu().numpy().reshape(-1)
+    return out

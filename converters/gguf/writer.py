@@ -162,11 +162,9 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
         writer.write_ti_data_to_file()
         result = GGUFResult(target, spec.name, type_name)
         for name, hf_name, shard, shape, qtype in plan:
-            if shard is None:
-                tensor = rope_factors
-            else:
-                tensor = transform(spec, hp, hf_name, shard.tensor(hf_name).to(device=device, dtype=torch.float32))
-            data = np.frombuffer(quantize(tensor, qtype), dtype=np.uint8)
+            # The source dtype goes straight to the kernels, which convert to float32 a chunk at a time.
+            tensor = rope_factors if shard is None else transform(spec, hp, hf_name, shard.tensor(hf_name).to(device))
+            data = quantize(tensor, qtype)
             writer.write_tensor_data(data)
             result.tensor_types[name] = qtype.name
             if shard is not None:

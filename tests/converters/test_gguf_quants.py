@@ -27,9 +27,15 @@ def awkward_tensor(rows: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_blocks_are_byte_identical_to_gguf_reference(qtype, seed):
     t = awkward_tensor(64, 256, seed)
-    ours = quantize(t, qtype)
+    ours = quantize(t, qtype, rows_per_chunk=5)  # several chunks, one partial
     expected = reference.quantize(t.numpy(), qtype)
-    assert ours == np.ascontiguousarray(expected).tobytes()
+    assert ours.tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16])
+def test_bf16_input_quantizes_like_its_float32_value(qtype):
+    t = awkward_tensor(8, 64, 3).to(torch.bfloat16)
+    assert quantize(t, qtype).tobytes() == np.ascontiguousarray(reference.quantize(t.float().numpy(), qtype)).tobytes()
 
 
 def test_rows_must_fit_blocks():
