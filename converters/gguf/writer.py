@@ -14,7 +14,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from gguf.constants import GGMLQuantizationType as QT
 
 from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
