@@ -89,32 +89,26 @@ def merge_lora(
             _finite_or_raise(w, name, "the merged tensor")
     elif device.type == "cpu":
         # Row blocks through one reused fp32 buffer: each block is converted, added, checked and converted back while
-        # it sits in cache, and no fresh memory is faulted in per block. One thread: for blocks this small, torch's
-        # second thread costs more than it gives (measured 2x slower per tensor on 2 cores, far worse under load);
-        # the export stage overlaps merging with writing instead.
+        # it sits in cache, and no fresh memory is faulted in per block. (The merge stage runs this single-threaded,
+        # one tensor per core: for blocks this size torch's intra-op threads cost more than they give.)
         merged = torch.empty(weight.shape, dtype=out_dtype)
         rows_per_block = max(1, _CPU_BLOCK_ELEMENTS // max(1, weight.shape[1]))
         buffer = torch.empty(min(rows_per_block, weight.shape[0]), weight.shape[1], dtype=torch.float32)
         largest_allowed = torch.finfo(out_dtype).max
         base_sq, in_range = 0.0, True
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for start in range(0, weight.shape[0], rows_per_block):
-                stop = min(start + rows_per_block, weight.shape[0])
-                block = buffer[: stop - start]
-                block.copy_(source[start:stop])
-                # vector_norm, not dot: torch.dot on the CPU is ~200x slower for this size (measured, torch 2.13).
-                base_sq += float(torch.linalg.vector_norm(block)) ** 2
-                block.addmm_(left[start:stop], right, alpha=scale)
-                if check_finite:
-                    # aminmax propagates NaN, and every comparison with NaN is False; a value past the output dtype's
-                    # range would become Inf in the file. (vector_norm(ord=inf) takes a ~25x slower path.)
-                    low, high = torch.aminmax(block)
-                    in_range = in_range and float(low) >= -largest_allowed and float(high) <= largest_allowed
-                merged[start:stop].copy_(block)
-        finally:
-            torch.set_num_threads(threads)
+        for start in range(0, weight.shape[0], rows_per_block):
+            stop = min(start + rows_per_block, weight.shape[0])
+            block = buffer[: stop - start]
+            block.copy_(source[start:stop])
+            # vector_norm, not dot: torch.dot on the CPU is ~200x slower for this size (measured, torch 2.13).
+            base_sq += float(torch.linalg.vector_norm(block)) ** 2
+            block.addmm_(left[start:stop], right, alpha=scale)
+            if check_finite:
+                # aminmax propagates NaN, and every comparison with NaN is False; a value past the output dtype's
+                # range would become Inf in the file. (vector_norm(ord=inf) takes a ~25x slower path.)
+                low, high = torch.aminmax(block)
+                in_range = in_range and float(low) >= -largest_allowed and float(high) <= largest_allowed
+            merged[start:stop].copy_(block)
         base_norm = base_sq**0.5
         if check_finite and not in_range:
             _finite_or_raise(merged, name, "the merged tensor")  # NaN, or a value the cast turned into Inf
