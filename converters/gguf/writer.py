@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import gguf
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QT
 
+from converters.ordered_pool import default_workers, ordered_map, single_threaded_torch
 from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
     llama3_rope_factors, metadata_keys, transform
 from converters.gguf.quants import quantize
@@ -160,16 +162,22 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         result = GGUFResult(target, spec.name, type_name)
-        for name, hf_name, shard, shape, qtype in plan:
+
+        def convert(entry: tuple) -> np.ndarray:
+            _, hf_name, shard, _, qtype = entry
             # The source dtype goes straight to the kernels, which convert to float32 a chunk at a time.
             tensor = rope_factors if shard is None else transform(spec, hp, hf_name, shard.tensor(hf_name).to(device))
-            data = quantize(tensor, qtype)
-            writer.write_tensor_data(data)
-            result.tensor_types[name] = qtype.name
-            if shard is not None:
-                shard.release(hf_name)
-            if on_bytes is not None:
-                on_bytes(data.nbytes)
+            return quantize(tensor, qtype)
+
+        workers = default_workers() if device == "cpu" else 1
+        with single_threaded_torch() if workers > 1 else nullcontext():
+            for (name, hf_name, shard, shape, qtype), data in ordered_map(convert, plan, workers):
+                writer.write_tensor_data(data)
+                result.tensor_types[name] = qtype.name
+                if shard is not None:
+                    shard.release(hf_name)
+                if on_bytes is not None:
+                    on_bytes(data.nbytes)
         writer.close()
         partial.rename(target)
     finally:

@@ -7,14 +7,13 @@ Untouched tensors in the output dtype are handed on as raw bytes from the memory
 from __future__ import annotations
 
 import logging
-import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
+from converters.ordered_pool import default_workers, ordered_map, single_threaded_torch
 from converters.safetensors_out import FileSlice, Payload
 from exporter.errors import StageCheckError
 from exporter.layout import OutputTensor
@@ -81,44 +80,23 @@ class MergeStage:
         ctx.tensor_stream = self._stream(ctx, tensors)
 
     def _stream(self, ctx: Context, tensors: list[OutputTensor]) -> Iterator[tuple[str, Payload]]:
-        """Tensors in order. On the CPU, one tensor per core is produced at a time, each single-threaded: torch
-        releases the GIL, and for blocks this size its intra-op threads cost more than they give (measured 2x slower
-        per tensor with 2 threads on 2 cores, far worse on a loaded machine). At most 2 tensors per core are in
-        flight, so memory stays at a few tensors."""
+        """Tensors in order. On the CPU, one tensor per core is produced at a time, each with single-threaded torch
+        (see converters/ordered_pool.py); at most 2 tensors per core are in flight, so memory stays at a few."""
         total = sum(s.nbytes for s in ctx.tensor_specs)
-        workers = max(1, min(4, os.cpu_count() or 1)) if ctx.device.type == "cpu" else 1
-        threads = torch.get_num_threads()
-        if ctx.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not ctx.plan.progress,
-                      leave=False) as bar, ThreadPoolExecutor(workers, thread_name_prefix="lora-export-merge") as pool:
-                in_flight: deque = deque()
-                upcoming = iter(tensors)
-                for t in upcoming:
-                    in_flight.append((t, pool.submit(produce, ctx, t)))
-                    if len(in_flight) < 2 * workers:
-                        continue
-                    yield from self._finish(ctx, in_flight.popleft(), bar)
-                while in_flight:
-                    yield from self._finish(ctx, in_flight.popleft(), bar)
-        finally:
-            torch.set_num_threads(threads)
+        workers = default_workers() if ctx.device.type == "cpu" else 1
+        with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not ctx.plan.progress,
+                  leave=False) as bar, (single_threaded_torch() if workers > 1 else nullcontext()):
+            for t, data in ordered_map(lambda t: produce(ctx, t), tensors, workers):
+                yield t.name, data
+                bar.update(data.length if isinstance(data, FileSlice) else len(data))
+                if t.base_name is not None:  # written: its pages need not stay in our resident memory
+                    ctx.base.tensor_file[t.base_name].release(t.base_name)
         order = {t.name: i for i, t in enumerate(tensors)}
-        merged = sorted(ctx.report.get("merge", []), key=lambda m: order[m["tensor"]])
+        merged = sorted(ctx.report.get("merge", []), key=lambda m: order[m["tensor"]])  # workers append in any order
         ctx.report["merge"] = merged
         if merged and all(m["unchanged"] for m in merged):
             ctx.note("the adapter changes nothing measurable: every merged tensor equals the base after the cast "
                      "to the output dtype (an untrained adapter with lora_B = 0, or a scale of 0?)")
-
-    @staticmethod
-    def _finish(ctx: Context, item: tuple[OutputTensor, Future], bar: tqdm) -> Iterator[tuple[str, Payload]]:
-        t, future = item
-        data = future.result()
-        yield t.name, data
-        bar.update(data.length if isinstance(data, FileSlice) else len(data))
-        if t.base_name is not None:  # written: its pages need not stay in our resident memory
-            ctx.base.tensor_file[t.base_name].release(t.base_name)
 
     def check(self, ctx: Context) -> None:
         names = [s.name for s in ctx.tensor_specs]
