@@ -98,9 +98,6 @@ class SafetensorsFile:
         info = self.tensors[name]
         return memoryview(self._map)[info.begin:info.end]
 
-    def header_bytes(self) -> memoryview:
-        return memoryview(self._map)[: self.data_start]
-
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy view of the tensor; call .clone() to keep it past close()."""
         info = self.tensors[name]

@@ -112,9 +112,6 @@ class Adapter:
             return self._tensors[key].dtype
         return self._tensors.info(key).torch_dtype
 
-    def weight_keys(self) -> list[str]:
-        return list(self._tensors.keys())
-
 
 def _read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
