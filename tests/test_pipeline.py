@@ -98,3 +98,20 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
     with pytest.raises(ExportError):
         parse_size("big")
+
+
+def test_merged_config_updates_every_text_config_key():
+    """A multimodal config repeats vocab_size and tie_word_embeddings in text_config: both must follow the output."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from exporter.stages.export import merged_config
+
+    base = SimpleNamespace(config={"vocab_size": 10, "tie_word_embeddings": True, "dtype": "bfloat16",
+                                   "text_config": {"vocab_size": 10, "tie_word_embeddings": True, "hidden_size": 8}})
+    ctx = SimpleNamespace(base=base, config_updates={"vocab_size": 12, "tie_word_embeddings": False},
+                          out_dtype=torch.float32)
+    config = merged_config(ctx)
+    assert config["text_config"] == {"vocab_size": 12, "tie_word_embeddings": False, "hidden_size": 8}
+    assert config["vocab_size"] == 12 and config["tie_word_embeddings"] is False and config["dtype"] == "float32"

@@ -92,10 +92,10 @@ def merged_config(ctx: Context) -> dict:
     updates[dtype_key] = dtype_name
     config.update(updates)
     text_config = config.get("text_config")
-    if isinstance(text_config, dict):
-        for key in ("vocab_size", "tie_word_embeddings"):
-            if key in ctx.config_updates and key in text_config:
-                config["text_config"] = {**text_config, key: ctx.config_updates[key]}
+    if isinstance(text_config, dict):  # multimodal configs keep the language model's settings here too
+        config["text_config"] = {**text_config, **{key: value for key, value in ctx.config_updates.items()
+                                                   if key in ("vocab_size", "tie_word_embeddings")
+                                                   and key in text_config}}
     return config
 
 
