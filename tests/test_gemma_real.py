@@ -257,7 +257,9 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
 
     # The floor: what rounding the *unmodified* base to bf16 costs, run as the pipeline's parity runs a bf16 folder
     # (weights as stored, fp32 compute), on the pipeline's own text probes (same tokenizer), which it judges by KL.
-    probes = probe_inputs(gemma.base, VOCAB, VOCAB)
+    from transformers import AutoTokenizer
+
+    probes = probe_inputs(AutoTokenizer.from_pretrained(gemma.base), VOCAB, VOCAB)
     text = [p for p, is_text in zip(probes.inputs, probes.is_text) if is_text]
     model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.float32).eval()
     exact = [_logits(model, p) for p in text]

@@ -60,10 +60,10 @@ def _tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def probe_inputs(tokenizer_dir: Path | None, vocab_size: int, base_vocab: int) -> Probes:
+def probe_inputs(tok: Any | None, vocab_size: int, base_vocab: int) -> Probes:
+    """Probe ids: the texts through ``tok`` (a transformers tokenizer, or None), then random ids."""
     inputs: list[torch.Tensor] = []
-    if tokenizer_dir is not None:
-        tok = _tokenizer(tokenizer_dir)
+    if tok is not None:
         # add_special_tokens=False for the rendered chat turn: the template already wrote its own BOS.
         inputs += [torch.tensor(tok(text, add_special_tokens=i < len(PROBE_TEXTS))["input_ids"])
                    for i, text in enumerate(probe_texts(tok))]
@@ -151,13 +151,12 @@ def run_llama_cpp_lora(artifact: Artifact, ctx: Context, probes: list[torch.Tens
         base_gguf.unlink(missing_ok=True)
 
 
-def gguf_tokenizer_agreement(artifact: Artifact, ctx: Context) -> dict[str, Any] | None:
+def gguf_tokenizer_agreement(artifact: Artifact, tok: Any | None) -> dict[str, Any] | None:
     """llama.cpp's tokenization of the GGUF against the HF tokenizer's, on the probe texts and a chat turn."""
-    if ctx.tokenizer_dir is None:
+    if tok is None:
         return None
     from llama_cpp import Llama
 
-    tok = _tokenizer(ctx.tokenizer_dir)
     texts = probe_texts(tok)
     llm = Llama(model_path=str(artifact.staged), vocab_only=True, verbose=False)
     try:
@@ -204,10 +203,11 @@ class ParityStage:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' per-load bars would interleave with ours
-        tokenizer_dir = ctx.hf_dir if (ctx.hf_dir / "tokenizer_config.json").is_file() else None
+        # Loaded once for every artifact (Gemma's 262k-token tokenizer takes about a second each time).
+        tok = _tokenizer(ctx.hf_dir) if (ctx.hf_dir / "tokenizer_config.json").is_file() else None
         reference = load_reference(ctx.base.path, ctx.adapter, ctx.device)
         vocab = reference.get_input_embeddings().weight.shape[0]
-        probes = probe_inputs(tokenizer_dir, vocab, ctx.layout.base_vocab or vocab)
+        probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
         ref_logits = run_logits(reference, probes.inputs, ctx.device)
         del reference
         text_rows = _positions(probes, text=True)
@@ -229,7 +229,7 @@ class ParityStage:
             else:
                 figures = compare_logits(ref_logits, out_logits)
                 failures, random_part = judge(figures, tol), None
-            tokenizer = gguf_tokenizer_agreement(artifact, ctx) if artifact.format == "gguf" else None
+            tokenizer = gguf_tokenizer_agreement(artifact, tok) if artifact.format == "gguf" else None
             if tokenizer and tokenizer["mismatched"]:
                 failures.append(f"tokenizer differs on {len(tokenizer['mismatched'])} of {tokenizer['texts']} texts")
             artifact.parity = {
