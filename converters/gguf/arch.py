@@ -6,6 +6,7 @@ Sources: gguf-py 0.19 (keys, tensor name maps) and llama.cpp's convert_hf_to_ggu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,15 +232,31 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def transform(spec: ArchSpec, hp: dict[str, Any], hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor as llama.cpp expects it. Permutations keep the dtype; the norm shift is computed in float32."""
+def rope_heads(spec: ArchSpec, hp: dict[str, Any], hf_name: str) -> int | None:
+    """How many heads' rows llama.cpp's rotary layout permutes in this tensor (Q or K of llama-style models), else
+    None. The permutation stays inside each head, so any block of whole heads can be permuted on its own."""
     if spec.permute_qk and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-        return permute_rows(tensor, hp["num_attention_heads"])
+        return int(hp["num_attention_heads"])
     if spec.permute_qk and hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-        return permute_rows(tensor, hp.get("num_key_value_heads") or hp["num_attention_heads"])
+        return int(hp.get("num_key_value_heads") or hp["num_attention_heads"])
+    return None
+
+
+def transform(spec: ArchSpec, hp: dict[str, Any], hf_name: str, rows: torch.Tensor,
+              total_rows: int | None = None) -> torch.Tensor:
+    """The tensor as llama.cpp expects it, or the same for a block of its leading rows (``total_rows``: the whole
+    tensor's) that starts and ends on a head boundary. Permutations keep the dtype; the norm shift is in float32."""
+    heads = rope_heads(spec, hp, hf_name)
+    if heads is not None:
+        return permute_rows(rows, heads * rows.shape[0] // (total_rows or rows.shape[0]))
     if spec.norm_shift and hf_name.endswith("norm.weight"):
-        return tensor.to(torch.float32) + 1.0
-    return tensor
+        return rows.to(torch.float32) + 1.0
+    return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_layers)  # builds every name of every layer: 5 ms, once per model
 
 
 def gguf_tensor_name(spec: ArchSpec, hp: dict[str, Any], hf_name: str) -> str | None:
@@ -248,7 +265,7 @@ def gguf_tensor_name(spec: ArchSpec, hp: dict[str, Any], hf_name: str) -> str | 
         return None
     if hf_name.startswith("lm_head.") and not spec.has_output:
         return None
-    name_map = gguf.get_tensor_name_map(spec.gguf_arch, int(hp["num_hidden_layers"]))
+    name_map = _tensor_name_map(spec.gguf_arch, int(hp["num_hidden_layers"]))
     name = hf_name[len("language_model."):] if hf_name.startswith("language_model.") else hf_name
     mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
     if mapped is None:

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters, permute_rows
+from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters, permute_rows, rope_heads
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,8 @@ def write_gguf_lora(config: dict[str, Any], pairs: list[LoraPair], target: Path,
             raise ArchError(f"'{pair.weight_name}' cannot carry a LoRA in llama.cpp's {spec.name} graph")
         b = pair.b.to(torch.float32) * pair.scale
         # The base's Q/K rows are permuted for llama's rope; B produces those rows, so it gets the same permutation.
-        if spec.permute_qk and pair.weight_name.endswith("self_attn.q_proj.weight"):
-            b = permute_rows(b, hp["num_attention_heads"])
-        elif spec.permute_qk and pair.weight_name.endswith("self_attn.k_proj.weight"):
-            b = permute_rows(b, hp.get("num_key_value_heads") or hp["num_attention_heads"])
+        if (heads := rope_heads(spec, hp, pair.weight_name)) is not None:
+            b = permute_rows(b, heads)
         tensors.append((f"{name}.lora_a", pair.a.to(torch.float32).contiguous().numpy()))
         tensors.append((f"{name}.lora_b", b.contiguous().numpy()))
 

@@ -7,6 +7,7 @@ Geometry comes from gguf's own table (GGML_QUANT_SIZES); the arithmetic follows 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -79,45 +80,62 @@ def quantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _high_bits(q), _pack_nibbles(q)], dim=1)
 
 
-def quantize_f16(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.to(torch.float16).view(torch.uint8)
-
-
-def quantize_bf16(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.to(torch.bfloat16).view(torch.uint8)  # round-to-nearest-even, as ggml_compute_fp32_to_bf16
-
-
-def quantize_f32(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.contiguous().view(torch.uint8)
-
-
 KERNELS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
-    QT.F32: quantize_f32,
-    QT.F16: quantize_f16,
-    QT.BF16: quantize_bf16,
     QT.Q8_0: quantize_q8_0,
     QT.Q4_0: quantize_q4_0,
     QT.Q4_1: quantize_q4_1,
     QT.Q5_0: quantize_q5_0,
     QT.Q5_1: quantize_q5_1,
 }
+# Float types are plain casts (round-to-nearest-even, as ggml's fp32 -> fp16 / bf16 conversions).
+FLOAT_TYPES: dict[QT, torch.dtype] = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+DIRECT_TYPES = (*FLOAT_TYPES, *KERNELS)
+
+_scratch = threading.local()
+
+
+def _as_float32(rows: torch.Tensor) -> torch.Tensor:
+    """rows in float32, staged through a per-thread buffer reused chunk after chunk: it stays in cache, and fresh
+    memory for every chunk would cost a page fault per 4 KB."""
+    if rows.dtype == torch.float32:
+        return rows
+    buffer = getattr(_scratch, "float32", None)
+    if buffer is None or buffer.numel() < rows.numel() or buffer.device != rows.device:
+        buffer = _scratch.float32 = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+    return buffer[:rows.numel()].view(rows.shape).copy_(rows)
+
+
+def _cast(rows: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if rows.dtype == dtype and rows.is_contiguous():
+        return rows  # already the bytes to write: no copy
+    nbytes = rows.numel() * dtype.itemsize
+    result = torch.empty(rows.shape, dtype=dtype, device=rows.device) if out is None \
+        else out[:nbytes].view(dtype).view(rows.shape)
+    if rows.dtype != dtype and torch.float32 not in (rows.dtype, dtype):
+        # bf16 <-> f16: two vectorised casts through float32 (exact) are ~3x faster than torch's direct cast,
+        # which is scalar on CPU (measured 3.4 vs 1.1 Gvalues/s), and round the same.
+        rows = _as_float32(rows)
+    return result.copy_(rows)
+
+
+def encode_rows(rows: torch.Tensor, qtype: QT, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole rows of a tensor (any float dtype, any device) as GGML bytes: a flat uint8 tensor. Float types are
+    written into ``out`` when given (a uint8 buffer a sequential caller reuses), and a contiguous tensor already in
+    the target type comes back as a view, without a copy."""
+    if qtype in FLOAT_TYPES:
+        return _cast(rows, FLOAT_TYPES[qtype], out).view(torch.uint8).reshape(-1)
+    if qtype not in KERNELS:
+        raise ValueError(f"no direct kernel for {qtype.name}; direct types: {', '.join(t.name for t in DIRECT_TYPES)}")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if rows.shape and rows.shape[-1] % block_size:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block_size}, got {tuple(rows.shape)}")
+    packed = KERNELS[qtype](_as_float32(rows).reshape(-1, block_size))
+    assert packed.shape[1] == type_size, (qtype, packed.shape)
+    return packed.reshape(-1)
 
 
 def quantize(tensor: torch.Tensor, qtype: QT, *, rows_per_chunk: int = 4096) -> np.ndarray:
-    """Quantize a tensor (any float dtype) row-major into GGML blocks: a flat uint8 array. Rows are converted to
-    float32 a chunk at a time, so memory stays at one chunk beyond the output. The last dimension must be a multiple
-    of the block size."""
-    if qtype not in KERNELS:
-        raise ValueError(f"no direct kernel for {qtype.name}; direct types: {', '.join(k.name for k in KERNELS)}")
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if tensor.shape and tensor.shape[-1] % block_size:
-        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block_size}, got {tuple(tensor.shape)}")
+    """A whole tensor as GGML bytes (a flat uint8 array), encoded ``rows_per_chunk`` rows at a time."""
     rows = tensor.reshape(-1, tensor.shape[-1] if tensor.shape else 1)
-    row_bytes = rows.shape[1] // block_size * type_size
-    out = np.empty(rows.shape[0] * row_bytes, dtype=np.uint8)
-    for start in range(0, rows.shape[0], rows_per_chunk):
-        chunk = rows[start:start + rows_per_chunk]
-        packed = KERNELS[qtype](chunk.to(torch.float32).reshape(-1, block_size))
-        assert packed.shape[1] == type_size, (qtype, packed.shape)
-        out[start * row_bytes:(start + chunk.shape[0]) * row_bytes] = packed.cpu().numpy().reshape(-1)
-    return out
+    return np.concatenate([encode_rows(rows[start:start + rows_per_chunk], qtype).cpu().numpy()
+                           for start in range(0, max(rows.shape[0], 1), rows_per_chunk)])

@@ -180,9 +180,46 @@ def _sentencepiece(folder: Path) -> Vocab:
     return vocab
 
 
-def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> None:
-    """Write add_bos/add_eos as the HF tokenizer actually behaves. Left unset, llama.cpp guesses from the
-    pre-tokenizer (llama-bpe and tekken force a BOS), and tokenization then differs from transformers."""
+# Tokenizer classes for which transformers 5 adds exactly what tokenizer.json's post-processor adds, whatever
+# add_bos_token / add_eos_token tokenizer_config.json sets (checked against transformers for each class, every flag
+# and several post-processors, byte-level and SentencePiece-style, in tests/converters/test_gguf_vocab.py). Other
+# classes are asked of transformers itself.
+FILE_DERIVED_CLASSES = frozenset({
+    "TokenizersBackend", "PreTrainedTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast", "GemmaTokenizer",
+    "GemmaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+})
+
+
+def _token_text(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _bos_eos_around(plain: list[int], full: list[int], bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
+    """Whether encoding with special tokens (``full``) puts BOS before / EOS after the plain ids of the same text."""
+    if not plain or len(full) < len(plain):
+        return False, False
+    start = full.index(plain[0]) if plain[0] in full else 0
+    return start > 0 and full[0] == bos_id, len(full) > start + len(plain) and full[-1] == eos_id
+
+
+def bos_eos_from_files(folder: Path) -> tuple[bool, bool] | None:
+    """(adds BOS, adds EOS) when transformers encodes with special tokens, found by running tokenizer.json's
+    post-processor with the tokenizers library (transformers' own backend); None for tokenizer classes this is not
+    known to hold for, or without a tokenizer.json."""
+    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if not tokenizer_path.is_file() or config.get("tokenizer_class") not in FILE_DERIVED_CLASSES:
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    plain, full = (tokenizer.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    return _bos_eos_around(plain, full, tokenizer.token_to_id(bos) if bos else None,
+                           tokenizer.token_to_id(eos) if eos else None)
+
+
+def _bos_eos_from_transformers(folder: Path) -> tuple[bool, bool] | None:
     try:
         from transformers import AutoTokenizer
 
@@ -190,11 +227,20 @@ def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> Non
         plain = tok("a", add_special_tokens=False)["input_ids"]
         full = tok("a", add_special_tokens=True)["input_ids"]
     except Exception:  # no transformers tokenizer: keep what tokenizer_config/tokenizer.json said
-        return
-    if plain and len(full) >= len(plain):
-        start = full.index(plain[0]) if plain[0] in full else 0
-        special.add_special_token["bos"] = start > 0 and full[0] == tok.bos_token_id
-        special.add_special_token["eos"] = len(full) > start + len(plain) and full[-1] == tok.eos_token_id
+        return None
+    return _bos_eos_around(plain, full, tok.bos_token_id, tok.eos_token_id)
+
+
+def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> None:
+    """Write add_bos/add_eos as the HF tokenizer actually behaves. Left unset, llama.cpp guesses from the
+    pre-tokenizer (llama-bpe and tekken force a BOS), and tokenization then differs from transformers. Read from the
+    files when their rule is known (importing transformers and loading the tokenizer takes ~4 s), else asked of
+    transformers."""
+    flags = bos_eos_from_files(folder)
+    if flags is None:
+        flags = _bos_eos_from_transformers(folder)
+    if flags is not None:
+        special.add_special_token["bos"], special.add_special_token["eos"] = flags
 
 
 def load_vocab(folder: Path, pre_override: str | None = None) -> Vocab:

@@ -7,23 +7,33 @@ Knows formats only: it takes a folder (config.json, *.safetensors, tokenizer) an
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
+import torch
 from gguf.constants import GGMLQuantizationType as QT
 
 from converters.ordered_pool import default_workers, ordered_map, single_threaded_torch
-from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
-    llama3_rope_factors, metadata_keys, transform
-from converters.gguf.quants import quantize
+from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, ArchSpec, arch_for, gguf_tensor_name, \
+    hyperparameters, llama3_rope_factors, metadata_keys, rope_heads, transform
+from converters.gguf.bulk_writer import BulkArrayGGUFWriter
+from converters.gguf.quants import FLOAT_TYPES, encode_rows
 from converters.gguf.types import GGUF_TYPES, GGUFType, byte_shape, tensor_type
 from converters.gguf.vocab import load_vocab
 from converters.safetensors_in import SafetensorsFile
+
+
+# Half a million values per chunk: each chunk's buffers stay in cache between encoding and writing, and the per-chunk
+# overhead (~60 us of Python and a write call) is small against the work. Measured on 1.2 GB bf16 -> F16: 0.68 s at
+# 2^19 values, 0.78 s at 2^18, 1.08 s at 2^20.
+CHUNK_VALUES = 1 << 19
 
 
 class GGUFExportError(ValueError):
@@ -37,6 +47,77 @@ class GGUFResult:
     type_name: str
     tensor_types: dict[str, str] = field(default_factory=dict)  # gguf name -> ggml type written
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _PlannedTensor:
+    gguf_name: str
+    hf_name: str
+    shard: SafetensorsFile | None  # None: computed here (llama 3's rope factors)
+    shape: tuple[int, ...]
+    qtype: QT
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(byte_shape(self.shape, self.qtype))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows [start, stop) of a tensor's leading dimension: the unit converted in parallel and written in order."""
+    tensor: _PlannedTensor
+    start: int
+    stop: int
+    last: bool  # the tensor's final chunk: its source pages can be released once written
+
+
+def _chunks(entry: _PlannedTensor, row_unit: int, chunk_values: int) -> list[_Chunk]:
+    """Blocks of about ``chunk_values`` values, in whole multiples of ``row_unit`` leading rows (a head, for
+    permuted tensors). 1-D tensors are one chunk."""
+    if len(entry.shape) < 2:
+        return [_Chunk(entry, 0, entry.shape[0] if entry.shape else 1, True)]
+    rows, values_per_row = entry.shape[0], math.prod(entry.shape[1:])
+    step = max(1, chunk_values // (values_per_row * row_unit)) * row_unit
+    starts = range(0, rows, step)
+    return [_Chunk(entry, start, min(start + step, rows), start + step >= rows) for start in starts]
+
+
+def _row_unit(spec: ArchSpec, hp: dict, entry: _PlannedTensor) -> int:
+    """Leading rows a chunk must keep together: one head's rows for the rotary permutation of Q and K."""
+    heads = rope_heads(spec, hp, entry.hf_name) if entry.shard is not None else None
+    return entry.shape[0] // heads if heads and len(entry.shape) >= 2 else 1
+
+
+class _DataSection:
+    """Writes the data section chunk by chunk, in order. Done here rather than through GGUFWriter.write_tensor_data,
+    which takes whole tensors; each tensor starts on the alignment boundary, as the tensor infos' offsets say."""
+
+    def __init__(self, out: BinaryIO, alignment: int, result: GGUFResult,
+                 on_bytes: Callable[[int], None] | None) -> None:
+        self.out, self.alignment, self.result, self.on_bytes = out, alignment, result, on_bytes
+        self.tensor_bytes = 0
+
+    def write(self, chunk: _Chunk, data: np.ndarray) -> None:
+        entry = chunk.tensor
+        if chunk.start == 0:
+            self._pad()
+            self.tensor_bytes = 0
+        self.out.write(memoryview(data))
+        self.tensor_bytes += data.nbytes
+        if self.on_bytes is not None:
+            self.on_bytes(data.nbytes)
+        if chunk.last:
+            if self.tensor_bytes != entry.nbytes:
+                raise AssertionError(f"{entry.gguf_name}: wrote {self.tensor_bytes} bytes, planned {entry.nbytes}")
+            self.result.tensor_types[entry.gguf_name] = entry.qtype.name
+            if entry.shard is not None:
+                entry.shard.release(entry.hf_name)  # its pages stay in the page cache, not in this process
+
+    def finish(self) -> None:
+        self._pad()
+
+    def _pad(self) -> None:
+        self.out.write(bytes(-self.out.tell() % self.alignment))
 
 
 def _shards(folder: Path) -> list[SafetensorsFile]:
@@ -87,8 +168,11 @@ def _llama_cpp_quantize(source: Path, target: Path, gguf_type: GGUFType, threads
 
 def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: dict[str, str] | None = None,
                pre_tokenizer: str | None = None, on_bytes: Callable[[int], None] | None = None,
-               device: str = "cpu") -> GGUFResult:
-    """Convert the HF model in ``folder`` to ``target``. ``metadata`` adds string keys (provenance)."""
+               device: str = "cpu", chunk_values: int = CHUNK_VALUES) -> GGUFResult:
+    """Convert the HF model in ``folder`` to ``target``. ``metadata`` adds string keys (provenance).
+
+    Tensors are converted ``chunk_values`` values at a time on all cores and written in order, so memory holds a few
+    chunks whatever the model's size."""
     if type_name not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF type '{type_name}' is unknown; choose one of {', '.join(GGUF_TYPES)}")
     gguf_type = GGUF_TYPES[type_name]
@@ -97,7 +181,7 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
         intermediate = target.with_name(f".{target.name}.f32-{os.getpid()}")
         try:
             result = write_gguf(folder, intermediate, "f32", metadata=metadata, pre_tokenizer=pre_tokenizer,
-                                on_bytes=on_bytes, device=device)
+                                on_bytes=on_bytes, device=device, chunk_values=chunk_values)
             partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
             _llama_cpp_quantize(intermediate, partial, gguf_type, threads=os.cpu_count() or 1)
             partial.rename(target)
@@ -113,12 +197,13 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
     shards = _shards(folder)
 
     # Plan: every tensor's name, shape and type, so the header can be written before any data.
-    plan: list[tuple[str, str, SafetensorsFile | None, tuple[int, ...], QT]] = []
+    plan: list[_PlannedTensor] = []
     for shard in shards:
         for info in sorted(shard.tensors.values(), key=lambda t: t.begin):
             name = gguf_tensor_name(spec, hp, info.name)
             if name is not None:
-                plan.append((name, info.name, shard, info.shape, tensor_type(name, info.shape, gguf_type.weight_type)))
+                plan.append(_PlannedTensor(name, info.name, shard, info.shape,
+                                           tensor_type(name, info.shape, gguf_type.weight_type)))
     if not spec.has_output and any(shard.tensors.get("lm_head.weight") for shard in shards) \
             and not hp.get("tie_word_embeddings", True):
         raise GGUFExportError(f"llama.cpp's {spec.name} always uses the token embedding as the output head, but this "
@@ -126,14 +211,14 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
                               "that change")
     rope_factors = llama3_rope_factors(hp)
     if rope_factors is not None:
-        plan.append(("rope_freqs.weight", "", None, tuple(rope_factors.shape), QT.F32))
-    embed_rows = next((shape[0] for name, _, _, shape, _ in plan if name == "token_embd.weight"), None)
+        plan.append(_PlannedTensor("rope_freqs.weight", "", None, tuple(rope_factors.shape), QT.F32))
+    embed_rows = next((t.shape[0] for t in plan if t.gguf_name == "token_embd.weight"), None)
     if embed_rows is None:
         raise GGUFExportError("the model has no token embedding (model.embed_tokens.weight)")
     vocab.pad_to(embed_rows)
 
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, spec.name)
+    writer = BulkArrayGGUFWriter(partial, spec.name)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(str(config.get("_name_or_path") or folder.name))
@@ -155,29 +240,37 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
             writer.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
         vocab.special.add_to_gguf(writer, quiet=True)
 
-        for name, _, _, shape, qtype in plan:
-            shape_b = byte_shape(shape, qtype)
-            writer.add_tensor_info(name, shape_b, np.dtype(np.uint8), int(np.prod(shape_b)), raw_dtype=qtype)
+        for entry in plan:
+            shape_b = byte_shape(entry.shape, entry.qtype)
+            writer.add_tensor_info(entry.gguf_name, shape_b, np.dtype(np.uint8), entry.nbytes, raw_dtype=entry.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         result = GGUFResult(target, spec.name, type_name)
 
-        def convert(entry: tuple) -> np.ndarray:
-            _, hf_name, shard, _, qtype = entry
-            # The source dtype goes straight to the kernels, which convert to float32 a chunk at a time.
-            tensor = rope_factors if shard is None else transform(spec, hp, hf_name, shard.tensor(hf_name).to(device))
-            return quantize(tensor, qtype)
+        chunks = [chunk for entry in plan for chunk in _chunks(entry, _row_unit(spec, hp, entry), chunk_values)]
+        # Float types are casts, cheaper than the writes: one thread converting into one reused buffer, each chunk
+        # written while still in cache, beats more threads (measured 0.68 s vs 0.78-1.08 s for 1.2 GB with a writing
+        # thread) and fresh memory (a page fault per 4 KB). Block quantization is compute-bound: one chunk per core.
+        workers = 1 if gguf_type.weight_type in FLOAT_TYPES or device != "cpu" else default_workers()
+        reused = None
+        if workers == 1:
+            widest = max(math.prod(c.tensor.shape[1:]) * (c.stop - c.start) for c in chunks)
+            reused = torch.empty(widest * torch.float32.itemsize, dtype=torch.uint8)
 
-        workers = default_workers() if device == "cpu" else 1
+        def encode(chunk: _Chunk) -> np.ndarray:
+            entry = chunk.tensor
+            whole = rope_factors if entry.shard is None else entry.shard.tensor(entry.hf_name)
+            rows = whole[chunk.start:chunk.stop] if whole.dim() >= 2 else whole
+            rows = transform(spec, hp, entry.hf_name, rows.to(device), total_rows=len(whole) if whole.dim() else None)
+            # The source dtype goes straight to the kernels, which stage it through a cached float32 buffer.
+            return encode_rows(rows, entry.qtype, out=reused).cpu().numpy()
+
+        section = _DataSection(writer.fout[0], writer.data_alignment, result, on_bytes)
         with single_threaded_torch() if workers > 1 else nullcontext():
-            for (name, hf_name, shard, shape, qtype), data in ordered_map(convert, plan, workers):
-                writer.write_tensor_data(data)
-                result.tensor_types[name] = qtype.name
-                if shard is not None:
-                    shard.release(hf_name)
-                if on_bytes is not None:
-                    on_bytes(data.nbytes)
+            for chunk, data in ordered_map(encode, chunks, workers):
+                section.write(chunk, data)  # before the next chunk is encoded into the same buffer
+        section.finish()
         writer.close()
         partial.rename(target)
     finally:

@@ -32,10 +32,20 @@ def test_blocks_are_byte_identical_to_gguf_reference(qtype, seed):
     assert ours.tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16])
-def test_bf16_input_quantizes_like_its_float32_value(qtype):
-    t = awkward_tensor(8, 64, 3).to(torch.bfloat16)
-    assert quantize(t, qtype).tobytes() == np.ascontiguousarray(reference.quantize(t.float().numpy(), qtype)).tobytes()
+def with_float16_edges(t: torch.Tensor) -> torch.Tensor:
+    """Values where a bf16 -> f16 cast must round, overflow or go subnormal exactly as the float32 path does."""
+    t = t.clone()
+    t[5, :8] = torch.tensor([65504.0, 65520.0, 70000.0, -1e6, 1e-5, 3e-8, 2.9e-8, -6.1e-5])
+    return t
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16, QT.BF16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_quantize_like_their_float32_value(qtype, dtype):
+    # bf16 <-> f16 casts are staged through a float32 buffer for speed: the bytes must be those of the float32 value.
+    t = with_float16_edges(awkward_tensor(8, 64, 3)).to(dtype)
+    ours = quantize(t, qtype, rows_per_chunk=3)
+    assert ours.tobytes() == np.ascontiguousarray(reference.quantize(t.float().numpy(), qtype)).tobytes()
 
 
 def test_rows_must_fit_blocks():

@@ -1,0 +1,109 @@
+"""add_bos/add_eos read from the tokenizer files equal what transformers actually does, for every tokenizer class the
+file rule is trusted with, byte-level and SentencePiece-style tokenizer.json, every combination of tokenizer_config
+flags and post-processors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from converters.gguf.vocab import FILE_DERIVED_CLASSES, bos_eos_from_files
+
+POST_PROCESSORS = ["none", "bos", "bos+eos", "eos", "byte-level", "byte-level then bos"]
+FLAGS = [{}, {"add_bos_token": True}, {"add_bos_token": False}, {"add_eos_token": True},
+         {"add_bos_token": True, "add_eos_token": True}]
+BASE_CLASSES = sorted(c for c in FILE_DERIVED_CLASSES if not c.endswith("Fast") or c == "PreTrainedTokenizerFast")
+CORPUS = ["a cat sat on a mat", "the dog ate a bone"] * 20
+
+
+@pytest.fixture(scope="module", params=["byte-level", "sentencepiece-style"])
+def tokenizer_json(request) -> dict:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if request.param == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<s>", "</s>", "<pad>"]
+    else:  # Llama 2 / Gemma: byte-fallback BPE over "▁"-joined words, with an unknown token
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    return json.loads(tok.to_str())
+
+
+def loadable(tokenizer_class: str, tokenizer_json: dict) -> bool:
+    # Gemma's tokenizer class needs an unknown token, which byte-level BPE vocabularies do not have.
+    return not (tokenizer_class.startswith("Gemma") and tokenizer_json["model"].get("unk_token") is None)
+
+
+def post_processor(kind: str, tokenizer_json: dict):
+    from tokenizers import processors
+
+    ids = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
+    specials = [("<s>", ids["<s>"]), ("</s>", ids["</s>"])]
+    template = {"bos": "<s> $A", "bos+eos": "<s> $A </s>", "eos": "$A </s>"}
+    if kind in template:
+        return processors.TemplateProcessing(single=template[kind], special_tokens=specials)
+    if kind == "byte-level":
+        return processors.ByteLevel(trim_offsets=False)
+    if kind == "byte-level then bos":
+        return processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                    processors.TemplateProcessing(single="<s> $A", special_tokens=specials)])
+    return None
+
+
+def write_tokenizer(folder, tokenizer_json: dict, post: str, flags: dict, tokenizer_class: str) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(tokenizer_json))
+    if (processor := post_processor(post, tokenizer_json)) is not None:
+        tok.post_processor = processor
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **flags}))
+
+
+def transformers_behaviour(folder) -> tuple[bool, bool]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    plain = tok("a cat", add_special_tokens=False)["input_ids"]
+    full = tok("a cat", add_special_tokens=True)["input_ids"]
+    return full[:1] == [tok.bos_token_id] != plain[:1], full[-1:] == [tok.eos_token_id] != plain[-1:]
+
+
+@pytest.mark.parametrize("tokenizer_class", BASE_CLASSES)
+def test_file_rule_matches_transformers(tmp_path, tokenizer_json, tokenizer_class):
+    if not loadable(tokenizer_class, tokenizer_json):
+        pytest.skip("transformers cannot load this class with this vocabulary")
+    mismatches = []
+    for i, (post, flags) in enumerate(itertools.product(POST_PROCESSORS, FLAGS)):
+        folder = tmp_path / str(i)
+        write_tokenizer(folder, tokenizer_json, post, flags, tokenizer_class)
+        ours, actual = bos_eos_from_files(folder), transformers_behaviour(folder)
+        if ours != actual:
+            mismatches.append((post, flags, ours, actual))
+    assert not mismatches
+
+
+@pytest.mark.parametrize("tokenizer_class", sorted(FILE_DERIVED_CLASSES - set(BASE_CLASSES)))
+def test_fast_aliases_match_transformers(tmp_path, tokenizer_json, tokenizer_class):
+    if not loadable(tokenizer_class, tokenizer_json):
+        pytest.skip("transformers cannot load this class with this vocabulary")
+    for i, (post, flags) in enumerate([("bos", {}), ("none", {}), ("bos+eos", {"add_bos_token": True})]):
+        write_tokenizer(tmp_path / str(i), tokenizer_json, post, flags, tokenizer_class)
+        assert bos_eos_from_files(tmp_path / str(i)) == transformers_behaviour(tmp_path / str(i)), (post, flags)
+
+
+def test_other_classes_and_missing_tokenizer_json_are_left_to_transformers(tmp_path, tokenizer_json):
+    write_tokenizer(tmp_path / "bert", tokenizer_json, "bos", {}, "BertTokenizer")
+    assert bos_eos_from_files(tmp_path / "bert") is None
+    write_tokenizer(tmp_path / "no-json", tokenizer_json, "bos", {}, "LlamaTokenizer")
+    (tmp_path / "no-json" / "tokenizer.json").unlink()
+    assert bos_eos_from_files(tmp_path / "no-json") is None

@@ -1,0 +1,74 @@
+"""The GGUF writer streams tensors in chunks (heads kept whole for llama's rotary permutation): every tensor it writes
+must equal gguf-py's reference quantization of the HF tensor, transformed as llama.cpp's own converter does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader, quants as reference
+from gguf.constants import GGMLQuantizationType as QT
+from safetensors.torch import load_file
+
+from converters.gguf.writer import write_gguf
+from exporter.demo import build_tokenizer
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out independently of converters/gguf/arch.py."""
+    head_rows = weights.shape[0] // n_head
+    out = np.empty_like(weights)
+    for h in range(n_head):
+        block = weights[h * head_rows:(h + 1) * head_rows]
+        half = head_rows // 2
+        out[h * head_rows:(h + 1) * head_rows:2] = block[:half]  # row i of the first half -> row 2i
+        out[h * head_rows + 1:(h + 1) * head_rows:2] = block[half:]  # row i of the second half -> row 2i + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama")
+    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("type_name, qtype", [("f16", QT.F16), ("bf16", QT.BF16), ("q8_0", QT.Q8_0)])
+def test_chunked_tensors_equal_the_reference_conversion(tmp_path, bf16_llama, type_name, qtype):
+    # 1500 values per chunk: one 16-row head of Q/K (1024 values) per chunk, the 128x64 embedding in 6 chunks.
+    target = tmp_path / "model.gguf"
+    write_gguf(bf16_llama, target, type_name, chunk_values=1500)
+    hf = load_file(bf16_llama / "model.safetensors")
+    stored = {t.name: t for t in GGUFReader(target).tensors}
+    heads = {"q_proj": 4, "k_proj": 2}
+    checked = 0
+    for layer in range(2):
+        for proj, gguf_name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                                ("down_proj", "ffn_down")):
+            source = hf[f"model.layers.{layer}.{'mlp' if proj == 'down_proj' else 'self_attn'}.{proj}.weight"]
+            values = source.float().numpy()
+            if proj in heads:
+                values = llama_cpp_permute(values, heads[proj])
+            expected = np.ascontiguousarray(reference.quantize(values, qtype)).tobytes()
+            tensor = stored[f"blk.{layer}.{gguf_name}.weight"]
+            assert tensor.tensor_type == qtype
+            assert np.asarray(tensor.data).tobytes() == expected, f"blk.{layer}.{gguf_name}"
+            checked += 1
+    embedding = reference.quantize(hf["model.embed_tokens.weight"].float().numpy(), qtype)
+    assert np.asarray(stored["token_embd.weight"].data).tobytes() == np.ascontiguousarray(embedding).tobytes()
+    assert np.array_equal(np.asarray(stored["blk.0.attn_norm.weight"].data),
+                          hf["model.layers.0.input_layernorm.weight"].float().numpy())
+    assert checked == 8
+
+
+def test_chunk_size_does_not_change_the_file(tmp_path, bf16_llama):
+    write_gguf(bf16_llama, tmp_path / "one-chunk-per-tensor.gguf", "q8_0", chunk_values=1 << 20)
+    write_gguf(bf16_llama, tmp_path / "many-chunks.gguf", "q8_0", chunk_values=700)
+    assert (tmp_path / "one-chunk-per-tensor.gguf").read_bytes() == (tmp_path / "many-chunks.gguf").read_bytes()
