@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_peft_adapter, build_tiny_base, load_output, model_logits, run_export
 from exporter.errors import ExportError
-from exporter.pipeline import ExportPlan, StageRegistry, default_registry, parse_size, run_pipeline
+from exporter.pipeline import ExportPlan, default_registry, parse_size, run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from typing import Any
 import gguf
 from gguf.constants import TokenType
 
+from converters.gguf.hf_encoding import LazyHFEncoder
+
 
 class VocabError(ValueError):
     """The tokenizer cannot be written as a GGUF vocabulary llama.cpp tokenizes identically."""
@@ -89,18 +91,15 @@ def _split_regexes(pre_tokenizer: dict[str, Any] | None) -> list[str]:
     return []
 
 
-def identify_pre_tokenizer(folder: Path, tokenizer_json: dict[str, Any]) -> str | None:
+def identify_pre_tokenizer(tokenizer_json: dict[str, Any], encoder: LazyHFEncoder) -> str | None:
     regexes = _split_regexes(tokenizer_json.get("pre_tokenizer"))
     by_regex = {regex: name for name, regex in PRE_TOKENIZER_REGEXES.items()}
     if len(regexes) == 1 and regexes[0] in by_regex:
         return by_regex[regexes[0]]
-    try:
-        from transformers import AutoTokenizer
-
-        ids = AutoTokenizer.from_pretrained(folder, trust_remote_code=False).encode(CHECK_TEXT)
-        return PRE_TOKENIZER_HASHES.get(hashlib.sha256(str(ids).encode()).hexdigest())
-    except Exception:  # a tokenizer transformers cannot load is not identifiable either
+    if (hf := encoder.get()) is None:  # a tokenizer transformers cannot load is not identifiable either
         return None
+    # llama.cpp's fingerprint: transformers' encode(CHECK_TEXT), special tokens included
+    return PRE_TOKENIZER_HASHES.get(hashlib.sha256(str(hf.encode(CHECK_TEXT, True)).encode()).hexdigest())
 
 
 def _added_token_types(tokenizer_json: dict[str, Any]) -> dict[int, int]:
@@ -108,7 +107,7 @@ def _added_token_types(tokenizer_json: dict[str, Any]) -> dict[int, int]:
             for t in tokenizer_json.get("added_tokens", [])}
 
 
-def _byte_level_bpe(folder: Path, tokenizer_json: dict[str, Any], pre: str | None) -> Vocab:
+def _byte_level_bpe(folder: Path, tokenizer_json: dict[str, Any], pre: str | None, encoder: LazyHFEncoder) -> Vocab:
     base = gguf.BpeVocab(folder)
     tokens = [t for t, _, _ in base.bpe_tokens()]
     added = _added_token_types(tokenizer_json)
@@ -119,7 +118,7 @@ def _byte_level_bpe(folder: Path, tokenizer_json: dict[str, Any], pre: str | Non
     for token_id, kind in added.items():
         if token_id < len(types):
             types[token_id] = kind
-    pre = pre or identify_pre_tokenizer(folder, tokenizer_json)
+    pre = pre or identify_pre_tokenizer(tokenizer_json, encoder)
     if pre is None:
         raise VocabError("the byte-level BPE pre-tokenizer in tokenizer.json is not one llama.cpp knows by name, so "
                          "llama.cpp would split text differently; pass --gguf-pre NAME with the family it follows "
@@ -180,77 +179,23 @@ def _sentencepiece(folder: Path) -> Vocab:
     return vocab
 
 
-# Tokenizer classes for which transformers 5 adds exactly what tokenizer.json's post-processor adds, whatever
-# add_bos_token / add_eos_token tokenizer_config.json sets (checked against transformers for each class, every flag
-# and several post-processors, byte-level and SentencePiece-style, in tests/converters/test_gguf_vocab.py). Other
-# classes are asked of transformers itself.
-FILE_DERIVED_CLASSES = frozenset({
-    "TokenizersBackend", "PreTrainedTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast", "GemmaTokenizer",
-    "GemmaTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
-})
-
-
-def _token_text(token: Any) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
-
-
-def _bos_eos_around(plain: list[int], full: list[int], bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
-    """Whether encoding with special tokens (``full``) puts BOS before / EOS after the plain ids of the same text."""
-    if not plain or len(full) < len(plain):
-        return False, False
-    start = full.index(plain[0]) if plain[0] in full else 0
-    return start > 0 and full[0] == bos_id, len(full) > start + len(plain) and full[-1] == eos_id
-
-
-def bos_eos_from_files(folder: Path) -> tuple[bool, bool] | None:
-    """(adds BOS, adds EOS) when transformers encodes with special tokens, found by running tokenizer.json's
-    post-processor with the tokenizers library (transformers' own backend); None for tokenizer classes this is not
-    known to hold for, or without a tokenizer.json."""
-    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    if not tokenizer_path.is_file() or config.get("tokenizer_class") not in FILE_DERIVED_CLASSES:
-        return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    plain, full = (tokenizer.encode("a", add_special_tokens=flag).ids for flag in (False, True))
-    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-    return _bos_eos_around(plain, full, tokenizer.token_to_id(bos) if bos else None,
-                           tokenizer.token_to_id(eos) if eos else None)
-
-
-def _bos_eos_from_transformers(folder: Path) -> tuple[bool, bool] | None:
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        full = tok("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # no transformers tokenizer: keep what tokenizer_config/tokenizer.json said
-        return None
-    return _bos_eos_around(plain, full, tok.bos_token_id, tok.eos_token_id)
-
-
-def _hf_special_token_behaviour(folder: Path, special: gguf.SpecialVocab) -> None:
+def _hf_special_token_behaviour(encoder: LazyHFEncoder, special: gguf.SpecialVocab) -> None:
     """Write add_bos/add_eos as the HF tokenizer actually behaves. Left unset, llama.cpp guesses from the
-    pre-tokenizer (llama-bpe and tekken force a BOS), and tokenization then differs from transformers. Read from the
-    files when their rule is known (importing transformers and loading the tokenizer takes ~4 s), else asked of
-    transformers."""
-    flags = bos_eos_from_files(folder)
-    if flags is None:
-        flags = _bos_eos_from_transformers(folder)
-    if flags is not None:
-        special.add_special_token["bos"], special.add_special_token["eos"] = flags
+    pre-tokenizer (llama-bpe and tekken force a BOS), and tokenization then differs from transformers."""
+    if (hf := encoder.get()) is not None:
+        special.add_special_token["bos"], special.add_special_token["eos"] = hf.adds_bos_eos()
+    # else no tokenizer transformers can load: keep what tokenizer_config/tokenizer.json said
 
 
 def load_vocab(folder: Path, pre_override: str | None = None) -> Vocab:
     """Read the tokenizer in ``folder`` (tokenizer.model preferred, else tokenizer.json)."""
-    vocab = _load_vocab(folder, pre_override)
-    _hf_special_token_behaviour(folder, vocab.special)
+    encoder = LazyHFEncoder(folder)
+    vocab = _load_vocab(folder, pre_override, encoder)
+    _hf_special_token_behaviour(encoder, vocab.special)
     return vocab
 
 
-def _load_vocab(folder: Path, pre_override: str | None) -> Vocab:
+def _load_vocab(folder: Path, pre_override: str | None, encoder: LazyHFEncoder) -> Vocab:
     if pre_override is not None and pre_override not in KNOWN_PRE_TOKENIZERS:
         raise VocabError(f"pre-tokenizer '{pre_override}' is unknown; use one of {', '.join(KNOWN_PRE_TOKENIZERS)}")
     if (folder / "tokenizer.model").is_file():
@@ -264,6 +209,6 @@ def _load_vocab(folder: Path, pre_override: str | None) -> Vocab:
         return _sentencepiece_style_bpe(folder, tokenizer_json)
     decoder = (tokenizer_json.get("decoder") or {}).get("type")
     if model.get("type") == "BPE" and decoder == "ByteLevel":
-        return _byte_level_bpe(folder, tokenizer_json, pre_override)
+        return _byte_level_bpe(folder, tokenizer_json, pre_override, encoder)
     raise VocabError(f"tokenizer.json uses a {model.get('type')} model with a {decoder} decoder, which lora-export "
                      "cannot convert for llama.cpp yet (supported: SentencePiece, byte-level BPE)")

@@ -1,6 +1,7 @@
-"""add_bos/add_eos read from the tokenizer files equal what transformers actually does, for every tokenizer class the
-file rule is trusted with, byte-level and SentencePiece-style tokenizer.json, every combination of tokenizer_config
-flags and post-processors."""
+"""Encoding read from the tokenizer files (converters/gguf/hf_encoding.py) equals what transformers actually does: the
+add_bos/add_eos behaviour for every tokenizer class the file rule is trusted with, byte-level and SentencePiece-style
+tokenizer.json, every combination of tokenizer_config flags and post-processors; and the ids of llama.cpp's
+pre-tokenizer fingerprint text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 
 import pytest
 
-from converters.gguf.vocab import FILE_DERIVED_CLASSES, bos_eos_from_files
+from converters.gguf.hf_encoding import FILE_DERIVED_CLASSES, file_encoder
+from converters.gguf.vocab import CHECK_TEXT
+from exporter.demo import build_tokenizer
 
 POST_PROCESSORS = ["none", "bos", "bos+eos", "eos", "byte-level", "byte-level then bos"]
 FLAGS = [{}, {"add_bos_token": True}, {"add_bos_token": False}, {"add_eos_token": True},
@@ -71,6 +74,11 @@ def write_tokenizer(folder, tokenizer_json: dict, post: str, flags: dict, tokeni
         {"tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **flags}))
 
 
+def bos_eos_from_files(folder) -> tuple[bool, bool] | None:
+    encoder = file_encoder(folder)
+    return None if encoder is None else encoder.adds_bos_eos()
+
+
 def transformers_behaviour(folder) -> tuple[bool, bool]:
     from transformers import AutoTokenizer
 
@@ -105,3 +113,14 @@ def test_other_classes_and_missing_tokenizer_json_are_left_to_transformers(tmp_p
     write_tokenizer(tmp_path / "no-json", trained_tokenizer_json("byte-level"), "bos", {}, "LlamaTokenizer")
     (tmp_path / "no-json" / "tokenizer.json").unlink()
     assert bos_eos_from_files(tmp_path / "no-json") is None
+
+
+@pytest.mark.parametrize("family", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("special", [True, False])
+def test_fingerprint_text_encodes_like_transformers(tmp_path, family, special):
+    # The fingerprint identifies byte-level BPE pre-tokenizers: the only tokenizers it is taken of.
+    from transformers import AutoTokenizer
+
+    build_tokenizer(tmp_path, vocab_size=200, family=family)
+    expected = AutoTokenizer.from_pretrained(tmp_path)(CHECK_TEXT, add_special_tokens=special)["input_ids"]
+    assert file_encoder(tmp_path).encode(CHECK_TEXT, special) == expected
