@@ -90,16 +90,20 @@ def _row_unit(spec: ArchSpec, hp: dict, entry: _PlannedTensor) -> int:
 
 class _DataSection:
     """Writes the data section chunk by chunk, in order. Done here rather than through GGUFWriter.write_tensor_data,
-    which takes whole tensors; each tensor starts on the alignment boundary, as the tensor infos' offsets say."""
+    which takes whole tensors; each tensor starts on the alignment boundary, as the tensor infos' offsets say. Refuses
+    tensors out of the planned order and tensors of the wrong size, and a section left unfinished."""
 
-    def __init__(self, out: BinaryIO, alignment: int, result: GGUFResult,
+    def __init__(self, out: BinaryIO, alignment: int, plan: list[_PlannedTensor], result: GGUFResult,
                  on_bytes: Callable[[int], None] | None) -> None:
         self.out, self.alignment, self.result, self.on_bytes = out, alignment, result, on_bytes
+        self.pending = list(reversed(plan))  # the next tensor to write is last
         self.tensor_bytes = 0
 
     def write(self, chunk: _Chunk, data: np.ndarray) -> None:
         entry = chunk.tensor
         if chunk.start == 0:
+            if not self.pending or self.pending.pop() is not entry:
+                raise AssertionError(f"{entry.gguf_name} is out of the order its tensor info was written in")
             self._pad()
             self.tensor_bytes = 0
         self.out.write(memoryview(data))
@@ -114,6 +118,9 @@ class _DataSection:
                 entry.shard.release(entry.hf_name)  # its pages stay in the page cache, not in this process
 
     def finish(self) -> None:
+        if self.pending:
+            raise AssertionError(f"{len(self.pending)} planned tensors were never written, {self.pending[-1].gguf_name} "
+                                 "first")
         self._pad()
 
     def _pad(self) -> None:
@@ -266,7 +273,7 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
             # The source dtype goes straight to the kernels, which stage it through a cached float32 buffer.
             return encode_rows(rows, entry.qtype, out=reused).cpu().numpy()
 
-        section = _DataSection(writer.fout[0], writer.data_alignment, result, on_bytes)
+        section = _DataSection(writer.fout[0], writer.data_alignment, plan, result, on_bytes)
         with single_threaded_torch() if workers > 1 else nullcontext():
             for chunk, data in ordered_map(encode, chunks, workers):
                 section.write(chunk, data)  # before the next chunk is encoded into the same buffer

@@ -72,3 +72,24 @@ def test_chunk_size_does_not_change_the_file(tmp_path, bf16_llama):
     write_gguf(bf16_llama, tmp_path / "one-chunk-per-tensor.gguf", "q8_0", chunk_values=1 << 20)
     write_gguf(bf16_llama, tmp_path / "many-chunks.gguf", "q8_0", chunk_values=700)
     assert (tmp_path / "one-chunk-per-tensor.gguf").read_bytes() == (tmp_path / "many-chunks.gguf").read_bytes()
+
+
+def test_data_section_refuses_disorder_wrong_sizes_and_gaps(tmp_path):
+    import io
+
+    from converters.gguf.writer import GGUFResult, _Chunk, _DataSection, _PlannedTensor
+
+    first = _PlannedTensor("first.weight", "", None, (2, 32), QT.F32)  # 256 bytes
+    second = _PlannedTensor("second.weight", "", None, (32,), QT.F32)  # 128 bytes
+
+    def section() -> _DataSection:
+        return _DataSection(io.BytesIO(), 32, [first, second], GGUFResult(tmp_path, "llama", "f32"), None)
+
+    with pytest.raises(AssertionError, match="second.weight is out of the order"):
+        section().write(_Chunk(second, 0, 32, True), np.zeros(128, np.uint8))
+    with pytest.raises(AssertionError, match="wrote 128 bytes, planned 256"):
+        section().write(_Chunk(first, 0, 1, True), np.zeros(128, np.uint8))
+    unfinished = section()
+    unfinished.write(_Chunk(first, 0, 2, True), np.zeros(256, np.uint8))
+    with pytest.raises(AssertionError, match="1 planned tensors were never written, second.weight first"):
+        unfinished.finish()
