@@ -76,9 +76,11 @@ class LazyHFEncoder:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._loaded: tuple[HFEncoder | None] | None = None
+        self._tried = False
+        self._encoder: HFEncoder | None = None
 
     def get(self) -> HFEncoder | None:
-        if self._loaded is None:
-            self._loaded = (file_encoder(self.folder) or transformers_encoder(self.folder),)
-        return self._loaded[0]
+        if not self._tried:
+            self._encoder = file_encoder(self.folder) or transformers_encoder(self.folder)
+            self._tried = True
+        return self._encoder
