@@ -21,6 +21,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # gguf-py narrates every file it writes at INFO (endianness, the temporary file's name): keep its warnings only.
+    logging.getLogger("gguf").setLevel(logging.WARNING if verbose <= 1 else logging.DEBUG)
 
 
 def _fail(error: ExportError) -> None:

@@ -61,3 +61,14 @@ def test_stage_from_entry_point_is_registered(monkeypatch):
     monkeypatch.setattr(pipeline, "entry_points", lambda group: [FakeEntryPoint()] if group == pipeline.ENTRY_POINT_GROUP else [])
     registry = pipeline.default_registry()
     assert "hello" in registry.names() and isinstance(registry.create("hello"), Hello)
+
+
+def test_gguf_writer_chatter_is_kept_out_of_the_log():
+    import logging
+
+    from exporter.cli import _setup_logging
+
+    _setup_logging(verbose=0, quiet=False)
+    writer_log = logging.getLogger("gguf.gguf_writer")  # logs endianness and temporary file names at INFO
+    assert writer_log.isEnabledFor(logging.WARNING) and not writer_log.isEnabledFor(logging.INFO)
+    assert logging.getLogger("lora_export").isEnabledFor(logging.INFO)
