@@ -68,7 +68,14 @@ def test_gguf_writer_chatter_is_kept_out_of_the_log():
 
     from exporter.cli import _setup_logging
 
-    _setup_logging(verbose=0, quiet=False)
-    writer_log = logging.getLogger("gguf.gguf_writer")  # logs endianness and temporary file names at INFO
-    assert writer_log.isEnabledFor(logging.WARNING) and not writer_log.isEnabledFor(logging.INFO)
-    assert logging.getLogger("lora_export").isEnabledFor(logging.INFO)
+    root, gguf_log = logging.getLogger(), logging.getLogger("gguf")
+    saved = root.level, gguf_log.level
+    try:
+        root.setLevel(logging.INFO)  # as a default-verbosity run leaves the root logger
+        gguf_log.setLevel(logging.NOTSET)
+        _setup_logging(verbose=0, quiet=False)
+        writer_log = logging.getLogger("gguf.gguf_writer")  # logs endianness and temporary file names at INFO
+        assert writer_log.isEnabledFor(logging.WARNING) and not writer_log.isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(saved[0])
+        gguf_log.setLevel(saved[1])
