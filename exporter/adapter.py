@@ -10,7 +10,6 @@ replacements).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 
 from converters.safetensors_in import SafetensorsError, SafetensorsFile
 from exporter.errors import InputError
+from exporter.schemas import read_json_object
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -118,10 +118,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise InputError(str(config_path), "adapter_config.json is missing, so this is not a PEFT adapter folder.",
                          "point --adapter at the folder written by PEFT's save_pretrained.")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(str(config_path), f"is not valid JSON ({e}).", "restore the file PEFT wrote.") from e
+    config = read_json_object(config_path, "restore the adapter_config.json PEFT wrote.")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(str(config_path), f"peft_type is {peft_type}; lora-export merges LoRA adapters only.",

@@ -10,6 +10,7 @@ from typing import Any
 
 from converters.safetensors_in import SafetensorsError, SafetensorsFile, TensorInfo
 from exporter.errors import InputError
+from exporter.schemas import read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -67,7 +68,7 @@ def load_base(spec: str) -> BaseModel:
     if not config_path.is_file():
         raise InputError(str(config_path), "is missing, so this is not a Hugging Face model folder.",
                          "point --base at the folder written by save_pretrained.")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "restore the config.json written by save_pretrained.")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise InputError(str(config_path), f"describes a {method}-quantized model; merging into quantized weights "

@@ -10,10 +10,38 @@ from pathlib import Path
 
 import click
 
+from exporter.context import ExportPlan, parse_size
 from exporter.errors import ExportError
-from exporter.pipeline import ExportPlan, parse_size, run_pipeline
+from exporter.pipeline import run_pipeline
 
 log = logging.getLogger("lora_export")
+
+
+class OnceOption(click.Option):
+    """An option that takes one value and refuses to be given twice (click would silently keep the last)."""
+
+    def __init__(self, *args, default=None, show_default: bool = False, **kwargs) -> None:
+        self.single_default = default
+        if show_default and default is not None:
+            kwargs["show_default"] = str(default)
+        super().__init__(*args, multiple=True, **kwargs)
+
+    def process_value(self, ctx: click.Context, value):
+        values = super().process_value(ctx, value)
+        if len(values) > 1:
+            raise click.UsageError(f"{self.opts[0]} was given {len(values)} times "
+                                   f"({', '.join(map(str, values))}); give it once.", ctx)
+        return values[0] if values else self.single_default
+
+
+def once(*args, **kwargs):
+    return click.option(*args, cls=OnceOption, **kwargs)
+
+
+def format_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--to given any number of times, each a comma list; duplicates collapse, order kept."""
+    items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+    return tuple(dict.fromkeys(items)) or ("safetensors",)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -46,32 +74,33 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model: a Hugging Face folder, or an id already in the local HF cache.")
-@click.option("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
-@click.option("--to", "formats", default="safetensors", show_default=True,
-              help="Export format(s), comma-separated: safetensors, gguf[:TYPE] (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 "
-                   "q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora (the adapter for llama.cpp --lora).")
-@click.option("--gguf-pre", default=None,
-              help="GGUF: the BPE pre-tokenizer name (llama-bpe, qwen2, gpt-2, …) when it cannot be identified.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Dtype of the merged weights. [default: the base's]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the float32 merge runs.")
-@click.option("--parity", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="Compare the output with base + adapter (unmerged) and fail the run when it differs.")
+@once("--base", required=True, help="Base model: a Hugging Face folder, or an id already in the local HF cache.")
+@once("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
+@once("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
+@click.option("--to", "formats", multiple=True,
+              help="Export format; repeat it or give a comma list (default safetensors): safetensors, gguf[:TYPE] "
+                   "(f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora "
+                   "(the adapter for llama.cpp --lora).")
+@once("--gguf-pre", default=None,
+      help="GGUF: the BPE pre-tokenizer name (llama-bpe, qwen2, gpt-2, …) when it cannot be identified.")
+@once("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+      help="Dtype of the merged safetensors weights. [default: the base's]")
+@once("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+      help="Where the float32 merge runs.")
+@once("--parity", type=click.Choice(["on", "off"]), default="on", show_default=True,
+      help="Compare the output with base + adapter (unmerged) and fail the run when it differs.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only after the run succeeds).")
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin (loaded with weights_only=True).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@once("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--no-check-finite", is_flag=True, help="Do not fail on NaN/Inf in the adapter or the merged tensors.")
 @click.option("--accept-parity-failure", is_flag=True, help="Keep the output even when parity fails (exit 0).")
-@click.option("--max-abs", type=float, default=None, help="Parity: max |Δlogit| allowed (overrides the default).")
-@click.option("--max-kl", type=float, default=None, help="Parity: mean KL(ref‖out) allowed (overrides the default).")
-@click.option("--min-top1", type=float, default=None, help="Parity: top-1 agreement on decisive positions (0-1).")
+@once("--max-abs", type=float, default=None, help="Parity: max |Δlogit| allowed (overrides the default).")
+@once("--max-kl", type=float, default=None, help="Parity: mean KL(ref‖out) allowed (overrides the default).")
+@once("--min-top1", type=click.FloatRange(0.0, 1.0), default=None,
+      help="Parity: top-1 agreement on decisive positions (0-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(base: str, adapter: str, out: Path, formats: str, gguf_pre: str | None, dtype: str | None, device: str,
-        parity: str,
-        overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
+def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
+        device: str, parity: str, overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
         accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
         no_progress: bool) -> None:
     """Merge ADAPTER into BASE and export it.
@@ -80,10 +109,11 @@ def run(base: str, adapter: str, out: Path, formats: str, gguf_pre: str | None, 
     Examples:
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./merged --dtype bfloat16
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./gguf --to gguf:q8_0,gguf:q4_k_m
+      lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./all --to safetensors --to gguf:f16
     """
     try:
         plan = ExportPlan(
-            base=base, adapter=adapter, out=out.resolve(), formats=tuple(f.strip() for f in formats.split(",")),
+            base=base, adapter=adapter, out=out.resolve(), formats=format_list(formats),
             dtype=dtype, device=device, parity=parity == "on", overwrite=overwrite, allow_pickle=allow_pickle,
             max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
             accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,
@@ -97,9 +127,9 @@ def run(base: str, adapter: str, out: Path, formats: str, gguf_pre: str | None, 
 
 @main.command()
 @click.argument("adapter")
-@click.option("--base", default=None, help="Base model, to check the fit and estimate the output size.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Output dtype for the size estimate. [default: the base's]")
+@once("--base", default=None, help="Base model, to check the fit and estimate the output size.")
+@once("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+      help="Output dtype for the size estimate. [default: the base's]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(adapter: str, base: str | None, dtype: str | None, as_json: bool) -> None:
     """Show what ADAPTER does: rank, alpha and scale per module, variants, patterns, output size.
@@ -118,8 +148,8 @@ def inspect(adapter: str, base: str | None, dtype: str | None, as_json: bool) ->
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to keep the demo's inputs and output. [default: a temporary folder, removed after]")
+@once("--out", type=click.Path(path_type=Path), default=None,
+      help="Where to keep the demo's inputs and output. [default: a temporary folder, removed after]")
 def demo(out: Path | None) -> None:
     """Build a tiny model and adapter, run the whole pipeline, print the parity table. No downloads.
 

@@ -1,29 +1,28 @@
-"""The merge math: one pure function of tensors that every path calls.
+"""The merge math: one pure computation of tensors that every path uses.
 
-W' = W + s·(B @ A), accumulated in float32 and cast to the output dtype once. Variants:
+W' = W + s·(B @ A), accumulated in float32. Variants:
   * fan_in_fan_out (GPT-2 Conv1D stores W as (in, out)): ΔW is transposed before the add.
   * embedding LoRA: A is (r, vocab), B is (dim, r) and ΔW = (B @ A)ᵀ · s, so W' (vocab, dim) = W + ΔW.
   * DoRA: W' = (m / ‖W + s·BA‖_row) ⊙ (W + s·BA), the L2 norm taken over the input dimension of each output unit
     (dim=1 in (out, in) layout), exactly as PEFT's DoraLinearLayer.get_weight_norm and DoraLinearVariant.merge_safe.
+
+The merged tensor comes out in float32 row blocks (``LoraMerge.rows``): every output format casts or quantizes those
+same blocks to its own type, once. ``merge_lora`` assembles the blocks into one tensor for callers that want it whole.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from exporter.errors import NonFiniteError
 
-# Elements merged per step on the CPU: a 4 MiB fp32 block plus its bf16 source stays in cache, which makes the
-# convert-add-convert several times faster than whole-tensor passes (1.6 GB/s vs 0.34 GB/s of bf16 on 2 cores), and
-# large enough that the per-block Python overhead stays small.
-_CPU_BLOCK_ELEMENTS = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class MergeResult:
-    weight: torch.Tensor  # in out_dtype, same layout as the stored base weight, on the merge device
+    weight: torch.Tensor  # in out_dtype, same layout as the stored base weight, on the CPU
     relative_change: float  # ‖ΔW‖ / ‖W‖ in float32, a cheap signal that the adapter did something
 
 
@@ -35,92 +34,114 @@ def _finite_or_raise(t: torch.Tensor, name: str, what: str) -> None:
         )
 
 
-def merge_lora(
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: float,
-    *,
-    name: str,
-    out_dtype: torch.dtype | None = None,
-    fan_in_fan_out: bool = False,
-    embedding: bool = False,
-    magnitude: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-    check_finite: bool = True,
-) -> MergeResult:
-    """Merge one LoRA pair into ``weight`` and return it in ``out_dtype`` (default: the weight's dtype).
+def cast_rows(dst: torch.Tensor, rows: torch.Tensor, name: str, check_finite: bool = True) -> None:
+    """dst[...] = rows, cast once to dst's dtype. With ``check_finite``, a value beyond what dst's dtype holds (it
+    would become Inf in the file) is a NonFiniteError naming the tensor."""
+    if check_finite and rows.is_floating_point() and torch.finfo(dst.dtype).max < torch.finfo(rows.dtype).max:
+        # aminmax propagates NaN and every comparison with NaN is False. (vector_norm(ord=inf) is ~25x slower.)
+        low, high = torch.aminmax(rows)
+        largest = torch.finfo(dst.dtype).max
+        if not (float(low) >= -largest and float(high) <= largest):
+            _finite_or_raise(rows, name, "the merged tensor")
+            raise NonFiniteError(name, f"the merged tensor has values beyond what {dst.dtype} holds.",
+                                 "merge to float32 or bfloat16 instead (--dtype).")
+    dst.copy_(rows)
 
-    ``name`` is used only in error messages. Raises NonFiniteError naming the tensor when A, B or the result holds
-    NaN/Inf (``check_finite``).
+
+def _add_delta(w: torch.Tensor, product: torch.Tensor, scale: float) -> None:
+    """w += scale · product, rounded as PEFT's get_delta_weight + merge round it: the product, then the product
+    scaled, then the sum, each rounded to float32 (one fused addmm would round once less and differ from PEFT's merge
+    in the last bit wherever the scale is not a power of two)."""
+    w.add_(product.mul_(scale))
+
+
+class LoraMerge:
+    """One LoRA pair merged into one stored weight, computed in row blocks of the stored layout.
+
+    ``name`` is used only in error messages. NonFiniteError names the tensor when A, B or the result holds NaN/Inf
+    (``check_finite``). After ``rows`` has been consumed, ``relative_change`` holds ‖ΔW‖/‖W‖ (of the final weight, DoRA
+    rescaling included).
     """
-    out_dtype = out_dtype or weight.dtype
-    device = torch.device(device)
-    a = lora_a.to(device=device, dtype=torch.float32)
-    b = lora_b.to(device=device, dtype=torch.float32)
-    if check_finite:
-        _finite_or_raise(a, name, "the adapter's lora_A")
-        _finite_or_raise(b, name, "the adapter's lora_B")
-    # Work in the frame where the rows of the stored W are the rows of the left factor, so one fused addmm does the
-    # add without materialising ΔW:
-    #   Linear:     W (out, in)   += s · B (out, r)   @ A (r, in)
-    #   Conv1D:     W (in, out)   += s · Aᵀ (in, r)   @ Bᵀ (r, out)   (= (B @ A)ᵀ)
-    #   Embedding:  W (vocab, d)  += s · Aᵀ (vocab, r) @ Bᵀ (r, d)    (= (B @ A)ᵀ)
-    transposed = fan_in_fan_out or embedding
-    left, right = (a.T.contiguous(), b.T.contiguous()) if transposed else (b, a)
-    if tuple(weight.shape) != (left.shape[0], right.shape[1]):
-        raise ValueError(f"{name}: base {tuple(weight.shape)} does not fit B@A {(left.shape[0], right.shape[1])}")
 
-    # ‖s·L@R‖_F² = s²·Σ (LᵀL ⊙ RRᵀ): two r×r Gram matrices instead of a full-size ΔW.
-    delta_norm = abs(scale) * float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt())
-    source = weight.to(device)
-
-    if magnitude is not None:
-        # DoRA needs whole-row norms (columns when stored transposed): merge the tensor in one piece.
-        w = source.to(torch.float32, copy=True)
-        base_norm = float(torch.linalg.vector_norm(w))
-        w.addmm_(left, right, alpha=scale)
-        m = magnitude.to(device=device, dtype=torch.float32).reshape(-1)
-        norm = torch.linalg.vector_norm(w, dim=0 if transposed else 1)
-        w.mul_((m / norm).unsqueeze(0) if transposed else (m / norm).unsqueeze(1))
-        delta_norm = float(torch.linalg.vector_norm(w - source.to(torch.float32)))
-        merged = w.to(out_dtype)
+    def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, name: str,
+                 fan_in_fan_out: bool = False, embedding: bool = False, magnitude: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu", check_finite: bool = True) -> None:
+        self.name, self.scale, self.check_finite = name, scale, check_finite
+        self.device = torch.device(device)
+        a = lora_a.to(device=self.device, dtype=torch.float32)
+        b = lora_b.to(device=self.device, dtype=torch.float32)
         if check_finite:
-            _finite_or_raise(w, name, "the merged tensor")
-    elif device.type == "cpu":
-        # Row blocks through one reused fp32 buffer: each block is converted, added, checked and converted back while
-        # it sits in cache, and no fresh memory is faulted in per block. (The merge stage runs this single-threaded,
-        # one tensor per core: for blocks this size torch's intra-op threads cost more than they give.)
-        merged = torch.empty(weight.shape, dtype=out_dtype)
-        rows_per_block = max(1, _CPU_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-        buffer = torch.empty(min(rows_per_block, weight.shape[0]), weight.shape[1], dtype=torch.float32)
-        largest_allowed = torch.finfo(out_dtype).max
-        base_sq, in_range = 0.0, True
-        for start in range(0, weight.shape[0], rows_per_block):
-            stop = min(start + rows_per_block, weight.shape[0])
-            block = buffer[: stop - start]
-            block.copy_(source[start:stop])
+            _finite_or_raise(a, name, "the adapter's lora_A")
+            _finite_or_raise(b, name, "the adapter's lora_B")
+        # Work in the frame where the rows of the stored W are the rows of the left factor, so each block's ΔW rows
+        # come from one small matmul:
+        #   Linear:     W (out, in)   += s · B (out, r)   @ A (r, in)
+        #   Conv1D:     W (in, out)   += s · Aᵀ (in, r)   @ Bᵀ (r, out)   (= (B @ A)ᵀ)
+        #   Embedding:  W (vocab, d)  += s · Aᵀ (vocab, r) @ Bᵀ (r, d)    (= (B @ A)ᵀ)
+        self.transposed = fan_in_fan_out or embedding
+        self.left, self.right = (a.T.contiguous(), b.T.contiguous()) if self.transposed else (b, a)
+        if tuple(weight.shape) != (self.left.shape[0], self.right.shape[1]):
+            raise ValueError(f"{name}: base {tuple(weight.shape)} does not fit B@A "
+                             f"{(self.left.shape[0], self.right.shape[1])}")
+        self.weight = weight
+        self.magnitude = magnitude
+        self.relative_change = float("nan")
+
+    def _delta_norm(self) -> float:
+        """‖s·L@R‖_F from two r×r Gram matrices: ‖L@R‖² = Σ (LᵀL ⊙ RRᵀ), never a full-size ΔW."""
+        gram = (self.left.T @ self.left) * (self.right @ self.right.T)
+        return abs(self.scale) * float(gram.sum().clamp_min(0).sqrt())
+
+    def rows(self, rows_per_block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, W'[start:stop] in float32 on the CPU). On the CPU the block is a reused buffer, valid until
+        the next one: it is converted, added and checked while it sits in cache."""
+        if self.magnitude is not None or self.device.type != "cpu":
+            yield from self._whole(rows_per_block)
+            return
+        weight, n_rows = self.weight, self.weight.shape[0]
+        buffer = torch.empty(min(rows_per_block, n_rows), *weight.shape[1:], dtype=torch.float32)
+        delta_buffer = torch.empty_like(buffer)
+        base_sq = 0.0
+        for start in range(0, n_rows, rows_per_block):
+            stop = min(start + rows_per_block, n_rows)
+            block, delta = buffer[: stop - start], delta_buffer[: stop - start]
+            block.copy_(weight[start:stop])
             # vector_norm, not dot: torch.dot on the CPU is ~200x slower for this size (measured, torch 2.13).
             base_sq += float(torch.linalg.vector_norm(block)) ** 2
-            block.addmm_(left[start:stop], right, alpha=scale)
-            if check_finite:
-                # aminmax propagates NaN, and every comparison with NaN is False; a value past the output dtype's
-                # range would become Inf in the file. (vector_norm(ord=inf) takes a ~25x slower path.)
-                low, high = torch.aminmax(block)
-                in_range = in_range and float(low) >= -largest_allowed and float(high) <= largest_allowed
-            merged[start:stop].copy_(block)
-        base_norm = base_sq**0.5
-        if check_finite and not in_range:
-            _finite_or_raise(merged, name, "the merged tensor")  # NaN, or a value the cast turned into Inf
-            raise NonFiniteError(name, f"the merged tensor has values beyond what {out_dtype} holds.",
-                                 "merge to float32 or bfloat16 instead (--dtype).")
-    else:
+            _add_delta(block, torch.mm(self.left[start:stop], self.right, out=delta), self.scale)
+            if self.check_finite:
+                _finite_or_raise(block, self.name, "the merged tensor")
+            yield start, stop, block
+        self.relative_change = self._delta_norm() / base_sq**0.5 if base_sq > 0 else self._delta_norm()
+
+    def _whole(self, rows_per_block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The tensor in one piece on the merge device: DoRA needs whole-row norms, and a GPU merges in one addmm."""
+        source = self.weight.to(self.device)
         w = source.to(torch.float32, copy=True)
         base_norm = float(torch.linalg.vector_norm(w))
-        w.addmm_(left, right, alpha=scale)
-        if check_finite:
-            _finite_or_raise(w, name, "the merged tensor")
-        merged = w.to(out_dtype)
+        _add_delta(w, self.left @ self.right, self.scale)
+        if self.magnitude is not None:
+            m = self.magnitude.to(device=self.device, dtype=torch.float32).reshape(-1)
+            norm = torch.linalg.vector_norm(w, dim=0 if self.transposed else 1)
+            w.mul_((m / norm).unsqueeze(0) if self.transposed else (m / norm).unsqueeze(1))
+            delta_norm = float(torch.linalg.vector_norm(w - source.to(torch.float32)))
+        else:
+            delta_norm = self._delta_norm()
+        if self.check_finite:
+            _finite_or_raise(w, self.name, "the merged tensor")
+        w = w.cpu()
+        for start in range(0, w.shape[0], rows_per_block):
+            stop = min(start + rows_per_block, w.shape[0])
+            yield start, stop, w[start:stop]
+        self.relative_change = delta_norm / base_norm if base_norm > 0 else delta_norm
 
-    relative = delta_norm / base_norm if base_norm > 0 else delta_norm
-    return MergeResult(weight=merged, relative_change=relative)
+
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, name: str,
+               out_dtype: torch.dtype | None = None, rows_per_block: int = 1024, **variant) -> MergeResult:
+    """Merge one LoRA pair into ``weight`` and return it whole, cast once to ``out_dtype`` (default: the weight's).
+    ``variant``: fan_in_fan_out, embedding, magnitude, device, check_finite (see LoraMerge)."""
+    merge = LoraMerge(weight, lora_a, lora_b, scale, name=name, **variant)
+    merged = torch.empty(weight.shape, dtype=out_dtype or weight.dtype)
+    for start, stop, block in merge.rows(rows_per_block):
+        cast_rows(merged[start:stop], block, name, merge.check_finite)
+    return MergeResult(merged, merge.relative_change)

@@ -1,12 +1,19 @@
 """The unmerged model: the base loaded with transformers in float32 and the adapter applied on the fly by forward hooks.
 
-This is parity's oracle, so it deliberately shares no code with the merge: the LoRA term is added to each adapted
-module's *output* (x·Aᵀ·Bᵀ·s) instead of to its weight. Replacement modules (modules_to_save) swap the parameter
-object, which also breaks a weight tie exactly as PEFT's ModulesToSaveWrapper does.
+This is parity's oracle, so it shares no code with the merge, not even the reading of the adapter: the few facts it
+needs (which modules carry LoRA, their A/B/bias/magnitude tensors, α per module, rsLoRA, modules_to_save) are read here
+from adapter_config.json and the tensor names directly, with the safetensors library rather than our own reader. A
+bug in exporter/adapter.py (a pattern matched wrongly, a scale formula) therefore shows up as a parity failure
+instead of being repeated on both sides. The LoRA term is added to each adapted module's *output* (x·Aᵀ·Bᵀ·s)
+instead of to its weight. Replacement modules (modules_to_save) swap the parameter object, which also breaks a weight
+tie exactly as PEFT's ModulesToSaveWrapper does.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +21,76 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.adapter import Adapter, LoraModule
+_KEY_PREFIX = "base_model.model."
+# PEFT's LoraConfig defaults, used when adapter_config.json leaves a key out.
+_DEFAULT_R, _DEFAULT_ALPHA = 8, 8
+
+
+@dataclass
+class AdapterTerms:
+    """What the reference applies: per adapted module its LoRA tensors and scale, plus whole-tensor replacements."""
+
+    lora: dict[str, dict[str, Any]]  # module -> {"A", "B", "bias", "magnitude": keys or None, "embedding", "scale"}
+    replaced: dict[str, str]  # parameter name -> key of the tensor that replaces it
+    tensor: Any = field(repr=False)  # key -> torch.Tensor
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensor(key).to(torch.float32)
+
+
+def _alpha_for(module: str, config: dict[str, Any]) -> float:
+    """α for one module: the first alpha_pattern key that matches a dotted suffix of its name (PEFT's rule), else
+    lora_alpha. Written as a full match over the name, not as the merge side's suffix search."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return float(alpha)
+    return float(config.get("lora_alpha", _DEFAULT_ALPHA))
+
+
+def _open_tensors(folder: Path, allow_pickle: bool) -> tuple[list[str], Any]:
+    path = folder / "adapter_model.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")
+        return list(handle.keys()), handle.get_tensor
+    if allow_pickle:
+        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return list(state), state.__getitem__
+    raise FileNotFoundError(path)
+
+
+def read_adapter_terms(folder: Path, allow_pickle: bool = False) -> AdapterTerms:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    keys, tensor = _open_tensors(folder, allow_pickle)
+    parts: dict[str, dict[str, str]] = {}
+    replaced: dict[str, str] = {}
+    for key in keys:
+        name = key.removeprefix(_KEY_PREFIX)
+        if ".original_module." in name:
+            continue  # PEFT's untouched copy of a modules_to_save layer
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                             r"(?:\.(weight|bias))?", name)
+        if match:
+            module, part, suffix = match.groups()
+            parts.setdefault(module, {})["bias" if suffix == "bias" else part] = key
+        elif name.endswith(".base_layer.weight"):
+            replaced[name.replace(".base_layer.", ".")] = key  # a resized layer PEFT saved beside its LoRA
+        elif ".modules_to_save." in name:
+            replaced[name.replace(".modules_to_save.", ".")] = key  # the trained copy, whatever else was saved
+        else:
+            replaced.setdefault(name, key)
+    use_rslora = bool(config.get("use_rslora", False))
+    lora = {}
+    for module, found in parts.items():
+        embedding = "lora_embedding_A" in found
+        a_key = found["lora_embedding_A" if embedding else "lora_A"]
+        rank = tensor(a_key).shape[0]  # the rank the adapter was trained with is the shape of A
+        alpha = _alpha_for(module, config)
+        lora[module] = {"A": a_key, "B": found["lora_embedding_B" if embedding else "lora_B"],
+                        "bias": found.get("bias"), "magnitude": found.get("lora_magnitude_vector"),
+                        "embedding": embedding, "scale": alpha / (rank**0.5 if use_rslora else rank)}
+    return AdapterTerms(lora, replaced, tensor)
 
 
 def _set_parameter(model: nn.Module, tensor_name: str, value: torch.Tensor) -> None:
@@ -27,18 +103,16 @@ def _set_parameter(model: nn.Module, tensor_name: str, value: torch.Tensor) -> N
         module.out_features, module.in_features = value.shape
 
 
-def _linear_hook(module: nn.Module, lora: LoraModule, adapter: Adapter, conv1d: bool) -> Any:
-    a = adapter.tensor(lora.a_key).to(torch.float32)
-    b = adapter.tensor(lora.b_key).to(torch.float32)
-    b_bias = adapter.tensor(lora.b_bias_key).to(torch.float32) if lora.b_bias_key else None
-    s = lora.scale
+def _linear_hook(module: nn.Module, term: dict[str, Any], terms: AdapterTerms, conv1d: bool) -> Any:
+    a, b, s = terms.get(term["A"]), terms.get(term["B"]), term["scale"]
+    b_bias = terms.get(term["bias"]) if term["bias"] else None
     factor = None
-    if lora.magnitude_key:
+    if term["magnitude"]:
         # DoRA: y = m/‖W + s·BA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the norm per output unit (PEFT's DoraLinearLayer).
         w = module.weight.detach().to(torch.float32)
         w_out_in = w.T if conv1d else w
         norm = torch.linalg.vector_norm(w_out_in + s * (b @ a), dim=1)
-        factor = adapter.tensor(lora.magnitude_key).to(torch.float32) / norm
+        factor = terms.get(term["magnitude"]) / norm
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0].to(torch.float32)
@@ -56,10 +130,8 @@ def _linear_hook(module: nn.Module, lora: LoraModule, adapter: Adapter, conv1d: 
     return hook
 
 
-def _embedding_hook(lora: LoraModule, adapter: Adapter) -> Any:
-    a = adapter.tensor(lora.a_key).to(torch.float32)  # (r, vocab)
-    b = adapter.tensor(lora.b_key).to(torch.float32)  # (dim, r)
-    s = lora.scale
+def _embedding_hook(term: dict[str, Any], terms: AdapterTerms) -> Any:
+    a, b, s = terms.get(term["A"]), terms.get(term["B"]), term["scale"]  # A (r, vocab), B (dim, r)
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         delta = F.embedding(args[0], a.T) @ b.T * s
@@ -72,25 +144,22 @@ def _embedding_hook(lora: LoraModule, adapter: Adapter) -> Any:
     return hook
 
 
-def load_reference(base_path: Path, adapter: Adapter, device: torch.device) -> nn.Module:
+def load_reference(base_path: Path, adapter_dir: Path, device: torch.device, allow_pickle: bool = False) -> nn.Module:
     """Base (float32) + adapter applied on the fly. Never trusts remote code."""
     from transformers import AutoModelForCausalLM
 
+    terms = read_adapter_terms(Path(adapter_dir), allow_pickle)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     with torch.no_grad():
-        for tensor_name, key in adapter.replacements.items():
-            _set_parameter(model, tensor_name, adapter.tensor(key).to(torch.float32))
-        for lora in adapter.modules.values():
-            if lora.base_override_key:
-                _set_parameter(model, lora.weight_name, adapter.tensor(lora.base_override_key).to(torch.float32))
-        vocab = model.get_input_embeddings().weight.shape[0]
-        model.config.vocab_size = vocab
-        for lora in adapter.modules.values():
-            module = model.get_submodule(lora.name)
-            if lora.kind == "embedding":
-                module.register_forward_hook(_embedding_hook(lora, adapter))
+        for tensor_name, key in terms.replaced.items():
+            _set_parameter(model, tensor_name, terms.get(key))
+        model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        for module_name, term in terms.lora.items():
+            module = model.get_submodule(module_name)
+            if term["embedding"]:
+                module.register_forward_hook(_embedding_hook(term, terms))
             else:
                 conv1d = type(module).__name__ == "Conv1D"
-                module.register_forward_hook(_linear_hook(module, lora, adapter, conv1d))
+                module.register_forward_hook(_linear_hook(module, term, terms, conv1d))
     return model.to(device)

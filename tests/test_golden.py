@@ -40,11 +40,10 @@ def test_fp32_merge_matches_peft_golden(demo, tmp_path):
 
 
 def test_reference_hooks_match_peft_golden(demo):
-    from exporter.adapter import load_adapter
     from exporter.reference import load_reference
 
     base, adapter, _, golden = demo
-    model = load_reference(base, load_adapter(adapter), torch.device("cpu"))
+    model = load_reference(base, adapter, torch.device("cpu"))
     with torch.no_grad():
         logits = model(input_ids=golden["input_ids"]).logits
     assert (logits - golden["logits"]).abs().max() <= 1e-5

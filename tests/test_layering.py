@@ -1,4 +1,5 @@
-"""Architecture rules from DESIGN.md that a reviewer would otherwise have to remember."""
+"""Architecture rules (README.md, "Layout") that a reviewer would otherwise have to remember: converters know nothing of the
+pipeline, no stage imports another, and no module of the project imports itself back through others."""
 
 from __future__ import annotations
 
@@ -6,20 +7,77 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("exporter", "converters")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (imports for type hints only, never executed)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every module the file imports, at the top or inside a function (a lazy import is still a dependency)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # "from pkg import module"
     return names
 
 
+def project_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    return {name: {m for m in imported_modules(path) if m in files and m != name} for name, path in files.items()}
+
+
 def test_converters_never_import_exporter():
-    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "exporter")
-                 for p in (ROOT / "converters").rglob("*.py")}
+    offenders = {name: sorted(m for m in deps if m.startswith("exporter"))
+                 for name, deps in project_graph().items() if name.startswith("converters")}
     assert not {k: v for k, v in offenders.items() if v}
 
+
+def test_no_stage_imports_another():
+    graph = project_graph()
+    stages = {name for name in graph if name.startswith("exporter.stages.")}
+    assert {"exporter.stages.load", "exporter.stages.merge", "exporter.stages.export", "exporter.stages.parity"} <= stages
+    offenders = {name: sorted(graph[name] & stages) for name in stages if graph[name] & stages}
+    assert not offenders
+
+
+def test_formats_import_no_stage_and_no_pipeline():
+    graph = project_graph()
+    offenders = {name: sorted(m for m in deps if m.startswith("exporter.stages") or m == "exporter.pipeline")
+                 for name, deps in graph.items() if name.startswith("exporter.formats")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_import_circles():
+    """Package __init__ modules that only re-export are left out: importing a package's submodule does not run a
+    cycle back through it."""
+    graph = project_graph()
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        for dep in sorted(graph[name]):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(name)
+
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    assert not cycles, cycles[:5]

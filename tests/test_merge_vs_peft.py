@@ -1,4 +1,5 @@
-"""The merged output equals PEFT's merge_and_unload (computed in float32), variant by variant, and passes parity.
+"""The merged output equals PEFT's merge_and_unload (computed in float32) bit for bit, variant by variant, and passes
+parity. (The merge rounds as PEFT does: B@A, then ×s, then +W, each in float32.)
 
 Each case builds a tiny fixed-seed base with transformers and a random adapter with PEFT, runs the whole pipeline
 (parity on), and compares every tensor with PEFT's merge. Where PEFT's merge is known to be wrong (tied embeddings),
@@ -18,7 +19,7 @@ from conftest import (build_peft_adapter, build_tiny_base, load_output, model_lo
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def assert_matches_peft(ours: dict[str, torch.Tensor], peft: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+def assert_matches_peft(ours: dict[str, torch.Tensor], peft: dict[str, torch.Tensor], atol: float = 0.0) -> None:
     assert set(ours) <= set(peft), f"tensors PEFT does not have: {sorted(set(ours) - set(peft))}"
     # PEFT's state_dict also lists a tied lm_head; we write it only when untied.
     missing = set(peft) - set(ours) - {"lm_head.weight"}
@@ -77,7 +78,7 @@ def test_dora_equals_peft(tmp_path):
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True,
                                  target_modules=["q_proj", "o_proj", "down_proj"])
     run_export(base, adapter, tmp_path / "out")
-    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter), atol=2e-6)
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
 
 
 def test_gpt2_conv1d_fan_in_fan_out_equals_peft(tmp_path):
@@ -95,7 +96,7 @@ def test_gpt2_dora_conv1d_equals_peft(tmp_path):
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=True,
                                  target_modules=["c_attn", "c_fc"])
     run_export(base, adapter, tmp_path / "out")
-    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter), atol=2e-6)
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
 
 
 def test_embedding_lora_equals_peft(tmp_path):
@@ -158,15 +159,10 @@ def test_bf16_base_equals_peft_fp32_merge_cast_to_bf16(tmp_path):
     peft = peft_merged_state(base, adapter)  # base upcast to fp32, merged in fp32
     for name, tensor in ours.items():
         assert tensor.dtype == torch.bfloat16, name
-        expected = peft[name].to(torch.bfloat16)
-        differing = (tensor != expected).sum().item()
-        # fp32 sums in a different order can land a hair either side of a bf16 rounding boundary: allow a handful of
-        # one-ulp differences, never more.
-        assert differing <= max(1, tensor.numel() // 2000), f"{name}: {differing} elements differ"
-        ulp = torch.finfo(torch.bfloat16).eps * expected.float().abs().clamp_min(1e-30)
-        assert ((tensor.float() - expected.float()).abs() <= ulp).all(), name
+        assert torch.equal(tensor, peft[name].to(torch.bfloat16)), name  # the fp32 merge, rounded once
     parity = ctx.artifacts[0].parity
-    assert parity["passed"] and parity["dtype"] == "bfloat16" and parity["kl"] <= 1e-3
+    # Measured KL 4.4e-5: bf16 rounding of the merged weights alone (the declared tolerance is 1e-3).
+    assert parity["passed"] and parity["dtype"] == "bfloat16" and parity["kl"] <= 2e-4
 
 
 def test_bf16_accumulation_would_be_worse(tmp_path):
@@ -183,7 +179,7 @@ def test_bf16_accumulation_would_be_worse(tmp_path):
     bf16_merge = load_output(base)[name] + (a[f"{key}.lora_B.weight"].bfloat16() @ a[f"{key}.lora_A.weight"].bfloat16()) * 2.0
     ours_wrong = (load_output(tmp_path / "out")[name] != exact).float().mean().item()
     bf16_wrong = (bf16_merge != exact).float().mean().item()
-    assert ours_wrong <= 0.001 and bf16_wrong >= 0.05, (ours_wrong, bf16_wrong)
+    assert ours_wrong == 0 and bf16_wrong >= 0.05, (ours_wrong, bf16_wrong)
 
 
 def test_merge_never_writes_into_its_inputs():
@@ -217,3 +213,86 @@ def test_merge_that_overflows_the_output_dtype_is_an_error():
     with pytest.raises(NonFiniteError, match="layer.w"):
         merge_lora(w, a, b, 1.0, name="layer.w", out_dtype=torch.float16)
     assert torch.isfinite(merge_lora(w, a, b, 1.0, name="layer.w", out_dtype=torch.bfloat16).weight).all()
+
+
+def test_reported_relative_change_is_the_norm_ratio(tmp_path):
+    """report.json's ‖ΔW‖/‖W‖ per tensor, against the same ratio computed from PEFT's merge (plain and DoRA)."""
+    base = build_tiny_base(tmp_path / "base")
+    original = load_output(base)
+    for kind, kwargs in (("plain", {}), ("dora", {"use_dora": True})):
+        adapter = build_peft_adapter(tmp_path / kind, base, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                     **kwargs)
+        ctx = run_export(base, adapter, tmp_path / f"out-{kind}", dtype="float32", parity=False)
+        peft = peft_merged_state(base, adapter)
+        reported = {m["tensor"]: m["relative_change"] for m in ctx.report["merge"]}
+        assert len(reported) == 4
+        for name, ratio in reported.items():
+            expected = float((peft[name] - original[name]).norm() / original[name].norm())
+            assert ratio == pytest.approx(expected, rel=1e-4), (kind, name)
+
+
+def test_config_without_r_alpha_or_rslora_uses_peft_defaults(tmp_path):
+    """PEFT reads a missing r / lora_alpha / use_rslora as 8 / 8 / False: so must we."""
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("r", "lora_alpha", "use_rslora"):
+        config.pop(key)
+    config_path.write_text(json.dumps(config))
+    ctx = run_export(base, adapter, tmp_path / "out", dtype="float32")
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
+    assert {m["scale"] for m in ctx.report["merge"]} == {1.0}
+
+
+def test_trained_adapter_on_a_bf16_base(tmp_path):
+    """What users have: a bf16 base and an adapter trained a few steps (lora_B grown from zero), default flags."""
+    from conftest import train_adapter
+
+    base = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = train_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=ATTN_MLP)
+    ctx = run_export(base, adapter, tmp_path / "out")
+    ours, peft = load_output(tmp_path / "out"), peft_merged_state(base, adapter)
+    adapted = {n for n in ours if any(f".{m}." in n for m in ATTN_MLP)}
+    assert len(adapted) == 14
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, peft[name].to(torch.bfloat16)), name
+    parity = ctx.artifacts[0].parity
+    # Measured KL 4e-5 (bf16 rounding of the merged weights); the declared bf16 tolerance is 1e-3.
+    assert parity["passed"] and parity["kl"] <= 2e-4
+    assert min(m["relative_change"] for m in ctx.report["merge"]) > 0.01  # training moved every adapted weight
+
+
+def _as_unknown_architecture(base, folder):
+    import shutil
+
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mystery-lm", architectures=["MysteryForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unknown_architecture_falls_back_to_shapes(tmp_path):
+    """An architecture transformers does not know: module types come from the tensor shapes (GPT-2's Conv1D stores W
+    as (in, out); a square weight follows fan_in_fan_out). The oracle is PEFT's merge of the same tensors under the
+    architecture's real name."""
+    base = build_tiny_base(tmp_path / "gpt2", "gpt2")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, fan_in_fan_out=True,
+                                 target_modules=["c_attn", "c_proj", "c_fc"])
+    unknown = _as_unknown_architecture(base, tmp_path / "unknown")
+    ctx = run_export(unknown, adapter, tmp_path / "out", parity=False)
+    assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
+    layouts = {t.name: t.layout for t in ctx.layout.tensors if t.source == "merge"}
+    assert set(layouts.values()) == {"conv1d"} and "transformer.h.0.attn.c_proj.weight" in layouts  # square, too
+
+
+def test_parity_on_an_architecture_transformers_cannot_build_is_a_clear_error(tmp_path):
+    from exporter.errors import ExportError
+
+    base = build_tiny_base(tmp_path / "llama")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    unknown = _as_unknown_architecture(base, tmp_path / "unknown")
+    with pytest.raises(ExportError, match="mystery-lm.*--parity off"):
+        run_export(unknown, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -41,14 +41,9 @@ def tiny(tmp_path_factory):
 
 def _scale_off_by_sqrt_r(monkeypatch):
     """Make the *merge* (not the reference) use α/r·√r: the bug of a tool that confuses LoRA and rsLoRA."""
-    import exporter.stages.merge as merge_stage
+    from conftest import break_merge_scale
 
-    real = merge_stage.merge_lora
-
-    def wrong(weight, a, b, scale, **kw):
-        return real(weight, a, b, scale * math.sqrt(a.shape[0]), **kw)
-
-    monkeypatch.setattr(merge_stage, "merge_lora", wrong)
+    break_merge_scale(monkeypatch, lambda scale, rank: scale * math.sqrt(rank))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -93,16 +88,52 @@ def test_accept_parity_failure_keeps_output_and_says_so(tiny, tmp_path, monkeypa
 ])
 def test_reference_hooks_equal_peft_unmerged(tmp_path, probe_ids, arch, kwargs):
     """Parity's oracle is our own hooks, so they must agree with PEFT's unmerged forward."""
-    from exporter.adapter import load_adapter
     from exporter.reference import load_reference
 
     base = build_tiny_base(tmp_path / "base", arch)
     adapter = build_peft_adapter(tmp_path / "adapter", base, **kwargs)
     with torch.no_grad():
-        ours = load_reference(base, load_adapter(adapter), torch.device("cpu"))(input_ids=probe_ids).logits
+        ours = load_reference(base, adapter, torch.device("cpu"))(input_ids=probe_ids).logits
     peft = peft_unmerged_logits(base, adapter, probe_ids)
     assert (ours - peft).abs().max() <= 1e-5
     # …and the adapter matters: without it the logits are far away.
     from conftest import model_logits
 
     assert (model_logits(base, probe_ids) - peft).abs().max() > 1e-2
+
+
+def test_reference_applies_dora_around_a_nonzero_bias(tmp_path, probe_ids):
+    """transformers initialises biases to zero, which would hide the bias term of DoRA's rescaling."""
+    from exporter.reference import load_reference
+
+    base = build_tiny_base(tmp_path / "base", "qwen2", random_biases=True)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True,
+                                 target_modules=["q_proj", "k_proj", "v_proj"])
+    with torch.no_grad():
+        ours = load_reference(base, adapter, torch.device("cpu"))(input_ids=probe_ids).logits
+    assert (ours - peft_unmerged_logits(base, adapter, probe_ids)).abs().max() <= 1e-5
+
+
+def _break_adapter_reading(monkeypatch, bug: str) -> None:
+    """A bug in how the *merge* reads the adapter (exporter/adapter.py); the reference reads it on its own."""
+    import exporter.adapter as adapter_module
+
+    if bug == "pattern applied to every module":
+        monkeypatch.setattr(adapter_module, "pattern_key", lambda keys, name: next(iter(keys), None))
+    elif bug == "rsLoRA read as plain LoRA":
+        monkeypatch.setattr(adapter_module, "compute_scale", lambda alpha, rank, rslora: alpha / rank)
+
+
+@pytest.mark.parametrize("bug", ["pattern applied to every module", "rsLoRA read as plain LoRA"])
+def test_a_misread_adapter_fails_parity(tmp_path, monkeypatch, bug):
+    from conftest import train_adapter
+
+    base = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    kwargs = (dict(r=8, lora_alpha=16, alpha_pattern={"v_proj": 64}) if bug == "pattern applied to every module"
+              else dict(r=16, lora_alpha=8, use_rslora=True))
+    adapter = train_adapter(tmp_path / "adapter", base, target_modules=["q_proj", "v_proj", "down_proj"], **kwargs)
+    ctx = run_export(base, adapter, tmp_path / "right")
+    assert ctx.artifacts[0].parity["passed"]
+    _break_adapter_reading(monkeypatch, bug)
+    with pytest.raises(ParityError):
+        run_export(base, adapter, tmp_path / "wrong")

@@ -204,12 +204,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
 
+# config.json's model_type for each, for configs that leave out `architectures` (transformers loads those too).
+MODEL_TYPES: dict[str, str] = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                               "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                               "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
 def arch_for(config: dict[str, Any]) -> ArchSpec:
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    raise ArchError(f"architecture {names or '(none in config.json)'} is not supported for GGUF export; supported: "
+    if not names and config.get("model_type") in MODEL_TYPES:
+        return ARCHITECTURES[MODEL_TYPES[config["model_type"]]]
+    described = names or f"model_type '{config.get('model_type')}' (no architectures in config.json)"
+    raise ArchError(f"architecture {described} is not supported for GGUF export; supported: "
                     f"{', '.join(sorted(ARCHITECTURES))}")
 
 

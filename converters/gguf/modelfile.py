@@ -20,6 +20,9 @@ class ChatFormat:
     assistant: tuple[str, str]
     generation_prompt: str
     leading: str  # text the template puts once at the start (e.g. a BOS string), left to the runtime
+    # Templates without a system turn of their own (Gemma's) fold the system message into the first user turn, right
+    # after the user prefix and followed by this separator; None when the system turn is a turn (or refused).
+    system_in_first_user: str | None = None
 
 
 def _render(template: str, messages: list[dict[str, str]], special: dict[str, str], generation: bool) -> str:
@@ -67,16 +70,24 @@ def derive_chat_format(template: str, special_tokens: dict[str, str]) -> ChatFor
     assistant_suffix = two.split(a, 1)[1]
     user_prefix = _strip_prefix(_between(three, a, u), assistant_suffix, "user prefix")
     leading = _strip_suffix(head, user_prefix, "user prefix")
+    system: tuple[str, str] | None = None
+    folded: str | None = None
     try:
         with_system = _render(template, [{"role": "system", "content": sy}, user], special_tokens, generation=False)
-        system: tuple[str, str] | None = (
-            _strip_prefix(with_system.split(sy, 1)[0], leading, "system prefix"),
-            _strip_suffix(_between(with_system, sy, u), user_prefix, "system suffix"),
-        )
-    except Exception:  # a template that refuses system turns (raise_exception) or treats them irregularly
-        system = None
+    except Exception:  # a template that refuses system turns (raise_exception)
+        with_system = None
+    if with_system is not None:
+        before, after = with_system.split(sy, 1) if sy in with_system else ("", "")
+        if before == leading + user_prefix and after.endswith(u + user_suffix):
+            folded = after[: -len(u + user_suffix)]  # [system, user] → L Up SY sep U Us
+        else:
+            try:
+                system = (_strip_prefix(before, leading, "system prefix"),
+                          _strip_suffix(_between(with_system, sy, u), user_prefix, "system suffix"))
+            except ValueError:  # a template that treats system turns some other way: left out
+                system = None
     return ChatFormat(system, (user_prefix, user_suffix), (assistant_prefix, assistant_suffix), generation_prompt,
-                      leading)
+                      leading, folded)
 
 
 def go_template(fmt: ChatFormat) -> str:
@@ -89,6 +100,14 @@ def go_template(fmt: ChatFormat) -> str:
     def branch(keyword: str, role: str, affixes: tuple[str, str]) -> str:
         return f'{{{{ {keyword} eq .Role "{role}" }}}}{esc(affixes[0])}{{{{ .Content }}}}{esc(affixes[1])}'
 
+    if fmt.system_in_first_user is not None:
+        # Keep the system message and emit it inside the next user turn, as the template does.
+        user = (f'{{{{ else if eq .Role "user" }}}}{esc(fmt.user[0])}{{{{ if $system }}}}{{{{ $system }}}}'
+                f'{esc(fmt.system_in_first_user)}{{{{ $system = "" }}}}{{{{ end }}}}{{{{ .Content }}}}{esc(fmt.user[1])}')
+        branches = ['{{ if eq .Role "system" }}{{ $system = .Content }}', user,
+                    branch("else if", "assistant", fmt.assistant)]
+        return ('{{- $system := "" }}{{- range .Messages }}' + "".join(branches) + "{{ end }}{{ end }}"
+                + esc(fmt.generation_prompt))
     branches = []
     if fmt.system is not None:
         branches.append(branch("if", "system", fmt.system))

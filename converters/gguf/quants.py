@@ -142,6 +142,13 @@ def encode_rows(rows: torch.Tensor, qtype: QT, out: torch.Tensor | None = None) 
     return packed.reshape(-1)
 
 
+def encode_rows_into(rows: torch.Tensor, qtype: QT, out: torch.Tensor) -> None:
+    """encode_rows, with the bytes written into ``out`` (a flat uint8 tensor of exactly their size)."""
+    encoded = encode_rows(rows, qtype, out=out)
+    if encoded.data_ptr() != out.data_ptr():  # a quantized block, or rows already in the target type
+        out.copy_(encoded)
+
+
 def quantize(tensor: torch.Tensor, qtype: QT, *, rows_per_chunk: int = 4096) -> np.ndarray:
     """A whole tensor as GGML bytes (a flat uint8 array), encoded ``rows_per_chunk`` rows at a time."""
     rows = tensor.reshape(-1, tensor.shape[-1] if tensor.shape else 1)

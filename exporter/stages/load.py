@@ -12,10 +12,11 @@ import torch
 
 from exporter.adapter import load_adapter
 from exporter.base import load_base, resolve_local_or_cached
+from exporter.context import Context
 from exporter.errors import ExportError, InputError, StageCheckError
+from exporter.formats import parse_formats
 from exporter.layout import build_layout
-from exporter.pipeline import Context
-from exporter.stages.export import check_formats_early, tokenizer_source
+from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
 
 log = logging.getLogger("lora_export")
 
@@ -86,6 +87,7 @@ class LoadStage:
 
     def run(self, ctx: Context) -> None:
         plan = ctx.plan
+        ctx.formats = parse_formats(plan.formats)  # a typo in --to costs nothing
         adapter_dir = resolve_local_or_cached(plan.adapter, "adapter", "adapter_config.json")
         ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
         ctx.base = load_base(plan.base)
@@ -104,7 +106,14 @@ class LoadStage:
             "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
         }
         self._check_tokenizer(ctx)
-        check_formats_early(ctx)
+        ctx.merged_config = merged_config(ctx.base.config, ctx.config_updates, ctx.out_dtype)
+        ctx.model_files = ctx.staging / MODEL_FILES_DIR
+        write_model_files(ctx, ctx.model_files)
+        if "parity" in plan.stage_names():
+            self._check_transformers_knows(ctx)
+        # Everything each format needs is checked now, before the merge: a refusal costs seconds, not the merge.
+        for request in ctx.formats:
+            request.format.preflight(ctx, request.variant)
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),
@@ -122,6 +131,21 @@ class LoadStage:
                              "(modules_to_save=['embed_tokens', 'lm_head'] or save_embedding_layers=True), or use "
                              "the tokenizer the model was trained with.")
         ctx.tokenizer_dir = source
+        if source is None:
+            ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
+        ctx.report["tokenizer_from"] = str(source) if source else None
+
+    @staticmethod
+    def _check_transformers_knows(ctx: Context) -> None:
+        """Parity runs the reference in transformers: an architecture it cannot build is refused before the merge."""
+        from transformers import CONFIG_MAPPING
+
+        model_type = ctx.base.config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise InputError(str(ctx.base.path / "config.json"), f"model_type '{model_type}' is not one transformers "
+                             "can build, and parity runs the unmerged model in transformers.",
+                             "pass --parity off (the merge itself does not need transformers), or upgrade "
+                             "transformers.")
 
     def check(self, ctx: Context) -> None:
         merged = {t.module.name for t in ctx.layout.tensors if t.source == "merge"}

@@ -1,5 +1,6 @@
-"""The GGUF writer streams tensors in chunks (heads kept whole for llama's rotary permutation): every tensor it writes
-must equal gguf-py's reference quantization of the HF tensor, transformed as llama.cpp's own converter does."""
+"""The GGUF writer converts each tensor from the row blocks it arrives in (heads kept whole for llama's rotary
+permutation): every tensor it writes must equal gguf-py's reference quantization of the HF tensor, transformed as
+llama.cpp's own converter does."""
 
 from __future__ import annotations
 
@@ -10,20 +11,9 @@ from gguf import GGUFReader, quants as reference
 from gguf.constants import GGMLQuantizationType as QT
 from safetensors.torch import load_file
 
+from conftest import llama_cpp_permute
 from converters.gguf.writer import write_gguf
 from exporter.demo import build_tokenizer
-
-
-def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, written out independently of converters/gguf/arch.py."""
-    head_rows = weights.shape[0] // n_head
-    out = np.empty_like(weights)
-    for h in range(n_head):
-        block = weights[h * head_rows:(h + 1) * head_rows]
-        half = head_rows // 2
-        out[h * head_rows:(h + 1) * head_rows:2] = block[:half]  # row i of the first half -> row 2i
-        out[h * head_rows + 1:(h + 1) * head_rows:2] = block[half:]  # row i of the second half -> row 2i + 1
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +30,12 @@ def bf16_llama(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("type_name, qtype", [("f16", QT.F16), ("bf16", QT.BF16), ("q8_0", QT.Q8_0)])
-def test_chunked_tensors_equal_the_reference_conversion(tmp_path, bf16_llama, type_name, qtype):
-    # 1500 values per chunk: one 16-row head of Q/K (1024 values) per chunk, the 128x64 embedding in 6 chunks.
+@pytest.mark.parametrize("type_name, qtype", [("f16", QT.F16), ("bf16", QT.BF16), ("q8_0", QT.Q8_0), ("q4_0", QT.Q4_0),
+                                              ("q4_1", QT.Q4_1), ("q5_0", QT.Q5_0), ("q5_1", QT.Q5_1)])
+def test_blockwise_tensors_equal_the_reference_conversion(tmp_path, bf16_llama, type_name, qtype):
+    # 1500 values per block: one 16-row head of Q/K (1024 values) per block, the 128x64 embedding in 6 blocks.
     target = tmp_path / "model.gguf"
-    write_gguf(bf16_llama, target, type_name, chunk_values=1500)
+    write_gguf(bf16_llama, target, type_name, block_values=1500)
     hf = load_file(bf16_llama / "model.safetensors")
     stored = {t.name: t for t in GGUFReader(target).tensors}
     heads = {"q_proj": 4, "k_proj": 2}
@@ -68,28 +59,28 @@ def test_chunked_tensors_equal_the_reference_conversion(tmp_path, bf16_llama, ty
     assert checked == 8
 
 
-def test_chunk_size_does_not_change_the_file(tmp_path, bf16_llama):
-    write_gguf(bf16_llama, tmp_path / "one-chunk-per-tensor.gguf", "q8_0", chunk_values=1 << 20)
-    write_gguf(bf16_llama, tmp_path / "many-chunks.gguf", "q8_0", chunk_values=700)
-    assert (tmp_path / "one-chunk-per-tensor.gguf").read_bytes() == (tmp_path / "many-chunks.gguf").read_bytes()
+def test_block_size_and_workers_do_not_change_the_file(tmp_path, bf16_llama):
+    write_gguf(bf16_llama, tmp_path / "one-block-per-tensor.gguf", "q8_0", block_values=1 << 20, workers=1)
+    write_gguf(bf16_llama, tmp_path / "many-blocks.gguf", "q8_0", block_values=700, workers=2)
+    assert (tmp_path / "one-block-per-tensor.gguf").read_bytes() == (tmp_path / "many-blocks.gguf").read_bytes()
 
 
 def test_data_section_refuses_disorder_wrong_sizes_and_gaps(tmp_path):
     import io
 
-    from converters.gguf.writer import GGUFResult, _Chunk, _DataSection, _PlannedTensor
+    from converters.gguf.writer import GGUFResult, _DataSection, _PlannedTensor
 
-    first = _PlannedTensor("first.weight", "", None, (2, 32), QT.F32)  # 256 bytes
-    second = _PlannedTensor("second.weight", "", None, (32,), QT.F32)  # 128 bytes
+    first = _PlannedTensor("first.weight", "first", (2, 32), QT.F32)  # 256 bytes
+    second = _PlannedTensor("second.weight", "second", (32,), QT.F32)  # 128 bytes
 
     def section() -> _DataSection:
-        return _DataSection(io.BytesIO(), 32, [first, second], GGUFResult(tmp_path, "llama", "f32"), None)
+        return _DataSection(io.BytesIO(), 32, [first, second], GGUFResult(tmp_path, "llama", "f32"))
 
     with pytest.raises(AssertionError, match="second.weight is out of the order"):
-        section().write(_Chunk(second, 0, 32, True), np.zeros(128, np.uint8))
+        section().write(second, np.zeros(128, np.uint8))
     with pytest.raises(AssertionError, match="wrote 128 bytes, planned 256"):
-        section().write(_Chunk(first, 0, 1, True), np.zeros(128, np.uint8))
+        section().write(first, np.zeros(128, np.uint8))
     unfinished = section()
-    unfinished.write(_Chunk(first, 0, 2, True), np.zeros(256, np.uint8))
+    unfinished.write(first, np.zeros(256, np.uint8))
     with pytest.raises(AssertionError, match="1 planned tensors were never written, second.weight first"):
         unfinished.finish()

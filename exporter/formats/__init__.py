@@ -1,0 +1,63 @@
+"""The table of output formats. A format is one module here (see base.py for what it declares); the stages loop over
+this table, so a new format is one new file plus its converter, registered below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from exporter.context import FormatRequest
+from exporter.errors import ExportError
+from exporter.formats import gguf, gguf_lora, safetensors
+from exporter.formats.base import Format, Sink
+from exporter.registry import Registry
+from exporter.tolerances import Tolerance
+
+FORMATS: Registry[Format] = Registry("format")
+for _module in (safetensors, gguf, gguf_lora):
+    FORMATS.register(_module.FORMAT.name, _module.FORMAT)
+
+
+def parse_formats(texts: Iterable[str]) -> list[FormatRequest]:
+    """'safetensors', 'gguf', 'gguf:q8_0', 'gguf-lora' → requests, in order, duplicates collapsed ('gguf' and
+    'gguf:f16' are one). Unknown names and variants are errors that list the valid ones."""
+    requests: list[FormatRequest] = []
+    for text in texts:
+        name, _, variant = text.strip().lower().partition(":")
+        if name not in FORMATS:
+            raise ExportError(f"--to {text}", "is not an export format.",
+                              f"use one of: {', '.join(FORMATS.names())} (gguf takes a type: gguf:q8_0).")
+        fmt = FORMATS.get(name)
+        variant = variant or fmt.default_variant
+        allowed = fmt.variants()
+        if variant and variant not in allowed:
+            fix = f"use one of: {', '.join(allowed)}." if allowed else f"write --to {name}."
+            raise ExportError(f"--to {text}", f"'{variant}' is not a {name} variant." if allowed
+                              else f"{name} takes no variant.", fix)
+        request = FormatRequest(fmt, variant or None)
+        if request not in requests:
+            requests.append(request)
+    return requests
+
+
+def tolerance_for(fmt: str, variant: str, architecture: str | None = None) -> Tolerance:
+    return FORMATS.get(fmt).tolerance(variant, architecture)
+
+
+def tolerance_table() -> str:
+    """Every declared tolerance as a Markdown table (README.md carries it; a test keeps the two in step)."""
+
+    def cell(value: float | None) -> str:
+        return "—" if value is None else f"{value:g}"
+
+    lines = ["| format | variant | max \\|Δlogit\\| | KL(ref‖out) | decisive top-1 | why |", "|---|---|---|---|---|---|"]
+    for fmt in FORMATS.values():
+        rows = [(variant, tol) for variant, tol in fmt.tolerances.items()]
+        rows += [(f"{variant} ({arch})", tol) for (variant, arch), tol in fmt.arch_tolerances.items()]
+        for variant, tol in rows:
+            reason = tol.reason.replace("|", "\\|")
+            lines.append(f"| {fmt.name} | {variant} | {cell(tol.max_abs)} | {cell(tol.max_kl)} | {cell(tol.min_top1)} "
+                         f"| {reason} |")
+    return "\n".join(lines)
+
+
+__all__ = ["FORMATS", "Format", "Sink", "parse_formats", "tolerance_for", "tolerance_table"]

@@ -1,0 +1,66 @@
+"""What a format is: a name and its variants, its pre-flight checks, its writer (a sink fed by the one merge stream),
+how parity runs what it wrote, and its tolerances with their reasons. One module per format in this folder; the
+table in exporter/formats/__init__.py lists them, and the stages loop over it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from converters.tensor_stream import Encoder, Payload, StreamTensor
+from exporter.context import Artifact, Context
+from exporter.tolerances import Tolerance
+
+
+class Sink(Protocol):
+    """A format's writer for one run. When ``consumes_stream`` it is a TensorWriter (row_unit, encoder, write) fed
+    every output tensor once, in order; ``close`` finishes the files and returns the artifacts."""
+
+    consumes_stream: bool
+
+    def row_unit(self, tensor: StreamTensor) -> int: ...
+
+    def encoder(self, tensor: StreamTensor) -> Encoder | None: ...
+
+    def write(self, name: str, payload: Payload) -> None: ...
+
+    def close(self) -> list[Artifact]: ...
+
+    def abort(self) -> None: ...
+
+
+class Format:
+    """Defaults shared by the formats; each format module subclasses it once."""
+
+    name: str = ""
+    runtime: str = ""  # where parity runs the artifact
+    default_variant: str | None = None
+    tolerances: dict[str, Tolerance] = {}  # by the artifact's variant
+    arch_tolerances: dict[tuple[str, str], Tolerance] = {}  # by (variant, HF architecture): exceptions
+
+    def variants(self) -> tuple[str, ...]:
+        """Accepted variant names (empty: the format takes none)."""
+        return ()
+
+    def preflight(self, ctx: Context, variant: str | None) -> None:
+        """Refuse, before the merge, whatever this format cannot write: raise ExportError (and kin)."""
+
+    def open_sink(self, ctx: Context, variant: str | None) -> Sink:
+        raise NotImplementedError
+
+    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+        """(total positions, vocab) float32 logits of the artifact on the probes, one probe at a time."""
+        raise NotImplementedError
+
+    def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
+        """Extra figures for the report and failures beyond the logits (e.g. a tokenizer check)."""
+        return None, []
+
+    def tolerance(self, variant: str, architecture: str | None) -> Tolerance:
+        if (variant, architecture) in self.arch_tolerances:
+            return self.arch_tolerances[(variant, architecture)]
+        if variant not in self.tolerances:
+            known = ", ".join(f"{self.name}/{v}" for v in self.tolerances)
+            raise KeyError(f"no parity tolerance declared for {self.name}/{variant} (declared: {known})")
+        return self.tolerances[variant]

@@ -1,0 +1,100 @@
+"""gguf-lora: the adapter itself as a GGUF for llama.cpp's --lora (and Ollama's ADAPTER), each module's scale folded
+into B so rsLoRA and rank/alpha patterns come out right. It needs no merge: it is written from the adapter's tensors.
+DoRA, modules_to_save, embedding LoRA and lora_bias cannot be expressed and are refused before anything runs.
+
+Parity runs the base as an F32 GGUF (written to the staging folder, streamed from the base's shards tensor by tensor,
+then deleted) with this adapter applied by llama.cpp at run time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from exporter.context import Artifact, Context
+from exporter.errors import InputError
+from exporter.formats.base import Format
+from exporter.formats.gguf import GELU_ARCHITECTURES, GELU_F32
+from exporter.model_files import TOKENIZER_FILES, copy_tokenizer, provenance
+from exporter.runners import llama_cpp_logits
+from exporter.tolerances import Tolerance
+
+FILE_NAME = "adapter.gguf"
+
+
+class GGUFLoraSink:
+    consumes_stream = False
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.staged = ctx.staging / FILE_NAME
+
+    def close(self) -> list[Artifact]:
+        from converters.gguf.lora import LoraPair, write_gguf_lora
+
+        adapter = self.ctx.adapter
+        pairs = [LoraPair(m.weight_name, adapter.tensor(m.a_key), adapter.tensor(m.b_key), m.scale)
+                 for m in adapter.modules.values()]
+        write_gguf_lora(self.ctx.base.config, pairs, self.staged, metadata=provenance(self.ctx))
+        return [Artifact("gguf-lora", self.ctx.plan.out / FILE_NAME, self.staged, variant="f32")]
+
+    def abort(self) -> None:
+        self.staged.unlink(missing_ok=True)
+
+
+class GGUFLoraFormat(Format):
+    name = "gguf-lora"
+    runtime = "llama.cpp+lora"
+    tolerances = {"f32": Tolerance(
+        1e-3, None, None, "an f32 base GGUF with the f32 adapter applied at run time: as exact as gguf f32.")}
+    arch_tolerances = {("f32", arch): GELU_F32 for arch in GELU_ARCHITECTURES}
+
+    def preflight(self, ctx: Context, variant: str | None) -> None:
+        from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters
+
+        adapter = ctx.adapter
+        refusals = []
+        if adapter.use_dora:
+            refusals.append("DoRA (llama.cpp's LoRA has no magnitude vector)")
+        if adapter.replacements:
+            refusals.append(f"modules_to_save ({', '.join(sorted(adapter.replacements))})")
+        if any(m.kind == "embedding" for m in adapter.modules.values()):
+            refusals.append("embedding LoRA")
+        if any(m.b_bias_key for m in adapter.modules.values()):
+            refusals.append("lora_bias")
+        if refusals:
+            raise InputError(str(adapter.path), f"uses {', '.join(refusals)}, which a GGUF LoRA cannot express.",
+                             "export the merged model instead: --to gguf.")
+        try:
+            spec, hp = arch_for(ctx.base.config), hyperparameters(ctx.base.config)
+            for module in adapter.modules.values():
+                name = gguf_tensor_name(spec, hp, module.weight_name)
+                if name is None or name.startswith("token_embd"):
+                    raise ArchError(f"'{module.weight_name}' cannot carry a LoRA in llama.cpp's {spec.name} graph")
+        except ArchError as e:
+            raise InputError(str(ctx.base.path / "config.json"), f"{e}.", "export the merged model instead.") from e
+
+    def open_sink(self, ctx: Context, variant: str | None) -> GGUFLoraSink:
+        return GGUFLoraSink(ctx)
+
+    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+        from converters.gguf.writer import write_gguf
+
+        base_gguf = ctx.staging / ".base-for-lora-parity.gguf"
+        with tempfile.TemporaryDirectory(dir=ctx.staging) as tmp:
+            # The base folder may lack the tokenizer (it came with the adapter): assemble a view with both.
+            view = Path(tmp)
+            for item in ctx.base.path.iterdir():
+                if item.suffix in (".safetensors", ".json") and item.name not in TOKENIZER_FILES:
+                    (view / item.name).symlink_to(item.resolve())
+            copy_tokenizer(ctx.tokenizer_dir, view)
+            write_gguf(view, base_gguf, "f32", pre_tokenizer=ctx.plan.gguf_pre)
+        try:
+            return llama_cpp_logits(base_gguf, probes, lora_path=artifact.staged)
+        finally:
+            base_gguf.unlink(missing_ok=True)
+
+
+FORMAT = GGUFLoraFormat()
