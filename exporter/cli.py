@@ -89,6 +89,9 @@ def main(verbose: int, quiet: bool) -> None:
       help="Where the float32 merge runs.")
 @once("--parity", type=click.Choice(["on", "off"]), default="on", show_default=True,
       help="Compare the output with base + adapter (unmerged) and fail the run when it differs.")
+@once("--parity-memory", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
+      help="Parity: hold each model whole (faster) or load it module by module (memory flat in model size); auto "
+           "picks whole when the model fits in the memory available.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder (only after the run succeeds).")
 @click.option("--allow-pickle", is_flag=True, help="Accept adapter_model.bin (loaded with weights_only=True).")
 @once("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
@@ -100,7 +103,7 @@ def main(verbose: int, quiet: bool) -> None:
       help="Parity: top-1 agreement on decisive positions (0-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
-        device: str, parity: str, overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
+        device: str, parity: str, parity_memory: str, overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
         accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
         no_progress: bool) -> None:
     """Merge ADAPTER into BASE and export it.
@@ -114,7 +117,8 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
     try:
         plan = ExportPlan(
             base=base, adapter=adapter, out=out.resolve(), formats=format_list(formats),
-            dtype=dtype, device=device, parity=parity == "on", overwrite=overwrite, allow_pickle=allow_pickle,
+            dtype=dtype, device=device, parity=parity == "on", parity_memory=parity_memory, overwrite=overwrite,
+            allow_pickle=allow_pickle,
             max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
             accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,
             progress=not no_progress, gguf_pre=gguf_pre,

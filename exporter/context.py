@@ -65,6 +65,7 @@ class ExportPlan:
     stages: tuple[str, ...] | None = None  # None: DEFAULT_STAGES (parity dropped when parity is off)
     progress: bool = True
     gguf_pre: str | None = None  # BPE pre-tokenizer name for GGUF when it cannot be identified
+    parity_memory: str = "auto"  # auto | whole | streamed: how parity holds a model (see exporter/layerwise.py)
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
@@ -112,6 +113,7 @@ class Context:
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     tensor_stream: Iterator[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
     format_state: dict[str, Any] = field(default_factory=dict)  # what a format's pre-flight prepared for its writer
+    parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
     config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)
     notes: list[str] = field(default_factory=list)  # things the user must know, shown and written to the report
     artifacts: list[Artifact] = field(default_factory=list)

@@ -1,18 +1,21 @@
-"""The unmerged model: the base loaded with transformers in float32 and the adapter applied on the fly by forward hooks.
+"""The unmerged model: the base in float32 with the adapter applied on the fly by forward hooks, its weights loaded
+whole or module by module (exporter/layerwise.py).
 
 This is parity's oracle, so it shares no code with the merge, not even the reading of the adapter: the few facts it
 needs (which modules carry LoRA, their A/B/bias/magnitude tensors, α per module, rsLoRA, modules_to_save) are read here
 from adapter_config.json and the tensor names directly, with the safetensors library rather than our own reader. A
 bug in exporter/adapter.py (a pattern matched wrongly, a scale formula) therefore shows up as a parity failure
 instead of being repeated on both sides. The LoRA term is added to each adapted module's *output* (x·Aᵀ·Bᵀ·s)
-instead of to its weight. Replacement modules (modules_to_save) swap the parameter object, which also breaks a weight
-tie exactly as PEFT's ModulesToSaveWrapper does.
+instead of to its weight, and A/B are read when the module runs, so memory holds one module's LoRA at a time.
+Replacement modules (modules_to_save) swap the parameter object, which also breaks a weight tie exactly as PEFT's
+ModulesToSaveWrapper does.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from exporter.layerwise import CheckpointTensors, LoadedWeights, WeightSource, checkpoint_sources, \
+    set_meta_parameter, skeleton
 
 _KEY_PREFIX = "base_model.model."
 # PEFT's LoraConfig defaults, used when adapter_config.json leaves a key out.
@@ -33,6 +39,7 @@ class AdapterTerms:
     lora: dict[str, dict[str, Any]]  # module -> {"A", "B", "bias", "magnitude": keys or None, "embedding", "scale"}
     replaced: dict[str, str]  # parameter name -> key of the tensor that replaces it
     tensor: Any = field(repr=False)  # key -> torch.Tensor
+    shape: Any = field(repr=False)  # key -> its shape, without reading it
 
     def get(self, key: str) -> torch.Tensor:
         return self.tensor(key).to(torch.float32)
@@ -47,22 +54,22 @@ def _alpha_for(module: str, config: dict[str, Any]) -> float:
     return float(config.get("lora_alpha", _DEFAULT_ALPHA))
 
 
-def _open_tensors(folder: Path, allow_pickle: bool) -> tuple[list[str], Any]:
+def _open_tensors(folder: Path, allow_pickle: bool) -> tuple[list[str], Any, Any]:
     path = folder / "adapter_model.safetensors"
     if path.is_file():
         from safetensors import safe_open
 
         handle = safe_open(str(path), framework="pt")
-        return list(handle.keys()), handle.get_tensor
+        return list(handle.keys()), handle.get_tensor, lambda key: tuple(handle.get_slice(key).get_shape())
     if allow_pickle:
         state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-        return list(state), state.__getitem__
+        return list(state), state.__getitem__, lambda key: tuple(state[key].shape)
     raise FileNotFoundError(path)
 
 
 def read_adapter_terms(folder: Path, allow_pickle: bool = False) -> AdapterTerms:
     config = json.loads((folder / "adapter_config.json").read_text())
-    keys, tensor = _open_tensors(folder, allow_pickle)
+    keys, tensor, shape = _open_tensors(folder, allow_pickle)
     parts: dict[str, dict[str, str]] = {}
     replaced: dict[str, str] = {}
     for key in keys:
@@ -85,43 +92,30 @@ def read_adapter_terms(folder: Path, allow_pickle: bool = False) -> AdapterTerms
     for module, found in parts.items():
         embedding = "lora_embedding_A" in found
         a_key = found["lora_embedding_A" if embedding else "lora_A"]
-        rank = tensor(a_key).shape[0]  # the rank the adapter was trained with is the shape of A
+        rank = shape(a_key)[0]  # the rank the adapter was trained with is the shape of A
         alpha = _alpha_for(module, config)
         lora[module] = {"A": a_key, "B": found["lora_embedding_B" if embedding else "lora_B"],
                         "bias": found.get("bias"), "magnitude": found.get("lora_magnitude_vector"),
                         "embedding": embedding, "scale": alpha / (rank**0.5 if use_rslora else rank)}
-    return AdapterTerms(lora, replaced, tensor)
+    return AdapterTerms(lora, replaced, tensor, shape)
 
 
-def _set_parameter(model: nn.Module, tensor_name: str, value: torch.Tensor) -> None:
-    module_path, attr = tensor_name.rsplit(".", 1)
-    module = model.get_submodule(module_path)
-    setattr(module, attr, nn.Parameter(value.detach().clone(), requires_grad=False))
-    if attr == "weight" and isinstance(module, nn.Embedding):
-        module.num_embeddings = value.shape[0]
-    elif attr == "weight" and isinstance(module, nn.Linear):
-        module.out_features, module.in_features = value.shape
-
-
-def _linear_hook(module: nn.Module, term: dict[str, Any], terms: AdapterTerms, conv1d: bool) -> Any:
-    a, b, s = terms.get(term["A"]), terms.get(term["B"]), term["scale"]
-    b_bias = terms.get(term["bias"]) if term["bias"] else None
-    factor = None
-    if term["magnitude"]:
-        # DoRA: y = m/‖W + s·BA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the norm per output unit (PEFT's DoraLinearLayer).
-        w = module.weight.detach().to(torch.float32)
-        w_out_in = w.T if conv1d else w
-        norm = torch.linalg.vector_norm(w_out_in + s * (b @ a), dim=1)
-        factor = terms.get(term["magnitude"]) / norm
+def _linear_hook(term: dict[str, Any], terms: AdapterTerms, conv1d: bool) -> Any:
+    s = term["scale"]
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        a, b = terms.get(term["A"]), terms.get(term["B"])  # read now: one module's LoRA in memory at a time
         x = args[0].to(torch.float32)
         delta = (x @ a.T) @ b.T
-        if b_bias is not None:
-            delta = delta + b_bias
+        if term["bias"]:
+            delta = delta + terms.get(term["bias"])
         delta = delta * s
-        if factor is None:
+        if not term["magnitude"]:
             return (output.to(torch.float32) + delta).to(output.dtype)
+        # DoRA: y = m/‖W + s·BA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the norm per output unit (PEFT's DoraLinearLayer).
+        w = mod.weight.detach().to(torch.float32)
+        norm = torch.linalg.vector_norm((w.T if conv1d else w) + s * (b @ a), dim=1)
+        factor = terms.get(term["magnitude"]) / norm
         bias = getattr(mod, "bias", None)
         base = output.to(torch.float32) - (bias.to(torch.float32) if bias is not None else 0.0)
         merged = factor * (base + delta) + (bias.to(torch.float32) if bias is not None else 0.0)
@@ -131,9 +125,10 @@ def _linear_hook(module: nn.Module, term: dict[str, Any], terms: AdapterTerms, c
 
 
 def _embedding_hook(term: dict[str, Any], terms: AdapterTerms) -> Any:
-    a, b, s = terms.get(term["A"]), terms.get(term["B"]), term["scale"]  # A (r, vocab), B (dim, r)
+    s = term["scale"]
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        a, b = terms.get(term["A"]), terms.get(term["B"])  # A (r, vocab), B (dim, r)
         delta = F.embedding(args[0], a.T) @ b.T * s
         # Scaled embeddings (Gemma) multiply the looked-up rows, so the LoRA rows are scaled too, as in PEFT.
         scale = getattr(mod, "embed_scale", None)
@@ -144,22 +139,24 @@ def _embedding_hook(term: dict[str, Any], terms: AdapterTerms) -> Any:
     return hook
 
 
-def load_reference(base_path: Path, adapter_dir: Path, device: torch.device, allow_pickle: bool = False) -> nn.Module:
-    """Base (float32) + adapter applied on the fly. Never trusts remote code."""
-    from transformers import AutoModelForCausalLM
-
+def load_reference(base_path: Path, adapter_dir: Path, device: torch.device, allow_pickle: bool = False, *,
+                   mode: str = "whole", base_weights: Callable[[nn.Module], dict[str, WeightSource]] | None = None,
+                   on_module: Callable[[], None] | None = None) -> nn.Module:
+    """Base (float32) + adapter applied on the fly, weights loaded ``mode`` = "whole" or "streamed". The base's
+    weights come from its safetensors checkpoint, or from ``base_weights(model)`` (a dequantized base). Never trusts
+    remote code."""
     terms = read_adapter_terms(Path(adapter_dir), allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
-    model.eval()
-    with torch.no_grad():
-        for tensor_name, key in terms.replaced.items():
-            _set_parameter(model, tensor_name, terms.get(key))
-        model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
-        for module_name, term in terms.lora.items():
-            module = model.get_submodule(module_name)
-            if term["embedding"]:
-                module.register_forward_hook(_embedding_hook(term, terms))
-            else:
-                conv1d = type(module).__name__ == "Conv1D"
-                module.register_forward_hook(_linear_hook(module, term, terms, conv1d))
-    return model.to(device)
+    model = skeleton(Path(base_path))
+    sources = base_weights(model) if base_weights else checkpoint_sources(model, CheckpointTensors(Path(base_path)))
+    for tensor_name, key in terms.replaced.items():
+        set_meta_parameter(model, tensor_name, terms.shape(key))
+        sources[tensor_name] = lambda key=key: terms.get(key)
+    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    for module_name, term in terms.lora.items():
+        module = model.get_submodule(module_name)
+        if term["embedding"]:
+            module.register_forward_hook(_embedding_hook(term, terms))
+        else:
+            module.register_forward_hook(_linear_hook(term, terms, type(module).__name__ == "Conv1D"))
+    LoadedWeights(model, sources, mode, device, on_module)  # after the LoRA hooks: weights are dropped after them
+    return model

@@ -108,6 +108,7 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "artifacts": [
             {"format": a.format, "path": str(a.path), "parity": a.parity} for a in ctx.artifacts
         ],
+        "parity_run": ctx.report.get("parity_run"),
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
     }
 

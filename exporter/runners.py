@@ -1,20 +1,59 @@
-"""Running a model on parity's probes: transformers modules and llama.cpp files, one probe at a time (no padding to
-get wrong), logits back as (total positions, vocab) float32."""
+"""Running artifacts on parity's probes and watching what it costs: transformers models layer by layer or whole
+(exporter/layerwise.py), llama.cpp files one probe at a time; logits come back as (total positions, vocab) float32."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
+from tqdm import tqdm
+
+from exporter.context import Context
+from exporter.layerwise import CheckpointTensors, LoadedWeights, checkpoint_sources, count_weighted_modules, \
+    probe_logits, skeleton
 
 
-@torch.no_grad()
-def run_logits(model: torch.nn.Module, probes: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    rows = [model(input_ids=p.unsqueeze(0).to(device)).logits[0].to(torch.float32).cpu() for p in probes]
-    return torch.cat(rows)
+def progress(ctx: Context, desc: str, total: int) -> tqdm:
+    return tqdm(total=total, unit="module", desc=desc, disable=not ctx.plan.progress, leave=False)
+
+
+def transformers_folder_logits(folder: Path, ctx: Context, probes: list[torch.Tensor], desc: str) -> torch.Tensor:
+    """A Hugging Face folder's weights exactly as stored, computed in float32, whole or module by module as the run's
+    parity mode says."""
+    model = skeleton(folder)
+    with progress(ctx, desc, count_weighted_modules(model)) as bar:
+        LoadedWeights(model, checkpoint_sources(model, CheckpointTensors(folder)), ctx.parity_mode, ctx.device,
+                      bar.update)
+        return probe_logits(model, probes, ctx.device)
+
+
+class PeakRss:
+    """The process's largest resident set size while the block runs (polled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        me = psutil.Process()
+        while True:
+            self.peak = max(self.peak, me.memory_info().rss)
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def llama(model_path: Path, n_ctx: int, lora_path: Path | None = None) -> Any:

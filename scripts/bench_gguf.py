@@ -95,7 +95,7 @@ def chain_environment(workdir: Path) -> tuple[Path, Path]:
     """(python of the chain's venv, convert_hf_to_gguf.py), made on first use."""
     venv, source = workdir / "chain-venv", workdir / "llama.cpp"
     python, script = venv / "bin" / "python", source / "convert_hf_to_gguf.py"
-    if python.is_file() and script.is_file():
+    if python.is_file() and script.is_file() and (source / "conversion").is_dir():
         return python, script
     download = workdir / "sdist"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", "-d",
@@ -103,7 +103,7 @@ def chain_environment(workdir: Path) -> tuple[Path, Path]:
     archive = next(download.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
-                   and ("/gguf-py/" in m.name or m.name.endswith("/convert_hf_to_gguf.py"))]
+                   and ("/gguf-py/" in m.name or "/conversion/" in m.name or m.name.endswith("/convert_hf_to_gguf.py"))]
         tar.extractall(download, members=members, filter="data")
     shutil.rmtree(source, ignore_errors=True)
     shutil.move(str(next(download.glob("*/vendor/llama.cpp"))), source)

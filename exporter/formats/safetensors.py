@@ -20,7 +20,7 @@ from exporter.errors import StageCheckError
 from exporter.formats.base import Format
 from exporter.merge_math import cast_rows
 from exporter.model_files import copy_model_files
-from exporter.runners import run_logits
+from exporter.runners import transformers_folder_logits
 from exporter.tolerances import Tolerance
 
 
@@ -120,20 +120,13 @@ class SafetensorsFormat(Format):
         return SafetensorsSink(ctx, ctx.staging)
 
     def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
-        """The folder as transformers loads it, weights exactly as stored, computed in float32.
+        """The folder's weights exactly as stored, computed in float32 (whole or layer by layer).
 
         float32 compute makes the figures measure the artifact (the merge and the rounding of its weights), not bf16
         arithmetic: running Gemma 3 270M's *unmodified* base in bf16 already gives KL ≈ 1e-2 against fp32 on
         random-token probes, the same for any bf16 model, PEFT's own merge included.
         """
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(artifact.staged, dtype=torch.float32, trust_remote_code=False)
-        model.eval().to(ctx.device)
-        try:
-            return run_logits(model, probes, ctx.device)
-        finally:
-            del model
+        return transformers_folder_logits(artifact.staged, ctx, probes, "parity safetensors")
 
 
 FORMAT = SafetensorsFormat()

@@ -4,6 +4,10 @@ Probes (exporter/probes.py) are short texts through the output's tokenizer, a re
 any rows a resized vocabulary added. Text probes are judged by the format's declared tolerance, random ids (out of
 distribution, where rounding is amplified) by a looser one: see tolerances.py. The reference (float32, hooks) is
 computed once and shared by every artifact; each format says how its artifact runs and what else it checks.
+
+transformers models (the reference, safetensors artifacts) run whole when they fit in memory, else module by module
+(exporter/layerwise.py): same logits either way, memory flat in model size. --parity-memory chooses; the report says
+which ran and the peak resident memory it took.
 """
 
 from __future__ import annotations
@@ -13,16 +17,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from exporter.context import Context
-from exporter.errors import StageCheckError
+from exporter.errors import ExportError, StageCheckError
 from exporter.formats import FORMATS
+from exporter.layerwise import LayerwiseError, count_weighted_modules, probe_logits, return_freed_memory_to_the_os, \
+    skeleton
 from exporter.probes import Probes, probe_inputs
 from exporter.reference import load_reference
 from exporter.report import compare_logits, format_table, judge
-from exporter.runners import run_logits
+from exporter.runners import PeakRss, progress
 from exporter.tolerances import RANDOM_PROBE_FACTOR, Tolerance
+
+# Whole-model runs hold the reference (float32) and its activations: pick them only with this much room to spare.
+WHOLE_MODEL_HEADROOM, WHOLE_MODEL_SPARE_BYTES = 1.5, 2**30
 
 log = logging.getLogger("lora_export")
 
@@ -40,6 +50,20 @@ def _tolerance(ctx: Context, fmt: str, variant: str) -> Tolerance:
     overrides = {k: v for k, v in (("max_abs", plan.max_abs), ("max_kl", plan.max_kl), ("min_top1", plan.min_top1))
                  if v is not None}
     return dataclasses.replace(tol, **overrides) if overrides else tol
+
+
+def choose_parity_mode(ctx: Context) -> tuple[str, str]:
+    """whole or streamed, and why: "auto" runs whole-model when the model in float32 fits comfortably in the memory
+    available now (faster), module by module otherwise."""
+    asked = ctx.plan.parity_memory
+    fp32_bytes = sum(t.spec().nbytes // t.dtype.itemsize * 4 for t in ctx.layout.tensors if t.dtype.is_floating_point)
+    available = psutil.virtual_memory().available
+    sizes = f"the model is {fp32_bytes / 1e9:.2f} GB in float32, {available / 1e9:.1f} GB of memory is available"
+    if asked != "auto":
+        return asked, f"--parity-memory {asked} ({sizes})"
+    if fp32_bytes * WHOLE_MODEL_HEADROOM + WHOLE_MODEL_SPARE_BYTES <= available:
+        return "whole", f"auto: {sizes}"
+    return "streamed", f"auto: {sizes}, so module by module"
 
 
 def _out_of_distribution(tol: Tolerance) -> Tolerance:
@@ -60,13 +84,32 @@ class ParityStage:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' per-load bars would interleave with ours
+        ctx.parity_mode, why = choose_parity_mode(ctx)
+        if ctx.parity_mode == "streamed":
+            return_freed_memory_to_the_os()
+        log.info("parity runs models %s: %s", "whole" if ctx.parity_mode == "whole" else "module by module", why)
+        with PeakRss() as peak:
+            self._run(ctx)
+        ctx.report["parity_run"] = {"mode": ctx.parity_mode, "why": why, "peak_rss_mb": round(peak.peak / 2**20)}
+
+    @staticmethod
+    def _reference_logits(ctx: Context, tok: Any) -> tuple[Probes, torch.Tensor]:
+        try:
+            total = count_weighted_modules(skeleton(ctx.base.path))  # parameters on meta: costs no memory
+            with progress(ctx, "parity reference", total) as bar:
+                reference = load_reference(ctx.base.path, ctx.adapter.path, ctx.device, ctx.plan.allow_pickle,
+                                           mode=ctx.parity_mode, on_module=bar.update)
+                vocab = reference.get_input_embeddings().weight.shape[0]
+                probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
+                return probes, probe_logits(reference, probes.inputs, ctx.device)
+        except LayerwiseError as e:
+            raise ExportError(str(ctx.base.path), f"parity cannot load this model {ctx.parity_mode} ({e}).",
+                              "pass --parity-memory whole, or --parity off.") from e
+
+    def _run(self, ctx: Context) -> None:
         # Loaded once for every artifact (Gemma's 262k-token tokenizer takes about a second each time).
         tok = _tokenizer(ctx.model_files) if (ctx.model_files / "tokenizer_config.json").is_file() else None
-        reference = load_reference(ctx.base.path, ctx.adapter.path, ctx.device, ctx.plan.allow_pickle)
-        vocab = reference.get_input_embeddings().weight.shape[0]
-        probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
-        ref_logits = run_logits(reference, probes.inputs, ctx.device)
-        del reference
+        probes, ref_logits = self._reference_logits(ctx, tok)
         text_rows = _positions(probes, text=True)
         for artifact in ctx.artifacts:
             fmt = FORMATS.get(artifact.format)
