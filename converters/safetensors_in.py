@@ -106,15 +106,30 @@ class SafetensorsFile:
         return torch.frombuffer(self._map, dtype=info.torch_dtype, count=info.nbytes // DTYPES[info.dtype][1],
                                 offset=info.begin).reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the page cache). Streaming a model through the
-        map would otherwise leave every page touched counted in the process's resident memory."""
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop the tensor's pages (or those of its bytes [begin, end)) from this process; they stay in the page
+        cache, and a later read maps them again. Streaming a model through the map would otherwise leave every page
+        touched counted in the process's resident memory."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
-        start = info.begin - info.begin % mmap.PAGESIZE
-        if info.end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        first = info.begin + begin
+        last = info.end if end is None else min(info.end, info.begin + end)
+        first -= first % mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def rows(self, name: str, rows_per_block: int):
+        """(start, stop, rows) blocks of the tensor as zero-copy views, each block's pages released once the next
+        is asked for (a 262k-token embedding is never resident whole)."""
+        tensor = self.tensor(name)
+        flat = tensor.reshape(-1) if tensor.dim() <= 1 else tensor
+        n_rows = max(flat.shape[0], 1)
+        row_bytes = self.tensors[name].nbytes // n_rows
+        for start in range(0, n_rows, rows_per_block):
+            stop = min(start + rows_per_block, n_rows)
+            yield start, stop, flat[start:stop]
+            self.release(name, start * row_bytes, stop * row_bytes)
 
     def close(self) -> None:
         # Views handed out keep the map alive; mmap.close would fail with exported buffers, so let GC do it.

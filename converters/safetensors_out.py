@@ -1,8 +1,10 @@
 """Sharded safetensors writer with a transformers-compatible index.
 
-The layout is planned up front from (name, dtype, shape), so each shard's header is written before its data and the
-tensors then stream in one at a time: memory stays at one tensor whatever the model size. Writes go into the folder
-given; making the whole output appear atomically is the caller's job (write to a temporary folder, then rename).
+The layout is planned up front from (name, dtype, shape), so every shard's header is written first and every tensor's
+place in its file is known: tensors are then written at their offsets (positional writes), by any thread, in any
+order, a block of rows at a time or copied by the kernel from another file. Memory stays at the blocks in flight
+whatever the model size. Writes go into the folder given; making the whole output appear atomically is the caller's
+job (write to a temporary folder, then rename).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Union
 
 from converters.safetensors_format import HEADER_ALIGNMENT, element_size
 
@@ -44,27 +47,25 @@ class FileSlice:
 Payload = Union[bytes, memoryview, FileSlice]
 
 
-def _copy_slice(source: FileSlice, dest: BinaryIO) -> None:
-    dest.flush()
+def copy_file_slice(source: FileSlice, dest_fd: int, dest_offset: int) -> None:
+    """The slice's bytes written at ``dest_offset`` of ``dest_fd``, by the kernel (copy_file_range) where it can."""
     with open(source.path, "rb") as src:
-        offset, remaining = source.offset, source.length
+        offset, remaining, at = source.offset, source.length, dest_offset
         try:
             while remaining:
-                n = os.copy_file_range(src.fileno(), dest.fileno(), remaining, offset)
+                n = os.copy_file_range(src.fileno(), dest_fd, remaining, offset, at)
                 if n == 0:
-                    raise OSError(f"{source.path} ended before byte {source.offset + source.length}")
-                offset += n
-                remaining -= n
-        except (AttributeError, OSError) as e:  # no copy_file_range (not Linux, cross-device on old kernels)
-            if isinstance(e, OSError) and "ended before" in str(e):
-                raise
-            src.seek(offset)
+                    raise EOFError
+                offset, at, remaining = offset + n, at + n, remaining - n
+        except EOFError:
+            raise OSError(f"{source.path} ended before byte {source.offset + source.length}") from None
+        except (AttributeError, OSError):  # no copy_file_range (not Linux, cross-device on old kernels)
             while remaining:
-                chunk = src.read(min(remaining, 64 * 2**20))
+                chunk = os.pread(src.fileno(), min(remaining, 64 * 2**20), offset)
                 if not chunk:
                     raise OSError(f"{source.path} ended before byte {source.offset + source.length}") from None
-                dest.write(chunk)
-                remaining -= len(chunk)
+                os.pwrite(dest_fd, chunk, at)
+                offset, at, remaining = offset + len(chunk), at + len(chunk), remaining - len(chunk)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -98,7 +99,7 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
 
 
 class ShardedWriter:
-    """Write tensors in the planned order. Refuses out-of-order, missing or wrongly sized tensors."""
+    """Every planned tensor written once, completely, at its place; anything else is refused."""
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int,
                  metadata: dict[str, str] | None = None) -> None:
@@ -110,49 +111,68 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards = plan_shards(specs, max_shard_bytes)
         self.file_names = shard_file_names(len(self.shards))
-        self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
-        self._next = 0
-        self._open_index = -1
-        self._handle: BinaryIO | None = None
+        self._files = []
+        self._place: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset of its data, its size)
+        self._file_sizes: list[int] = []
+        for shard, file_name in zip(self.shards, self.file_names):
+            handle = open(self.folder / file_name, "wb")
+            header = _header(shard, self.metadata)
+            handle.write(header)
+            handle.flush()
+            self._files.append(handle)
+            offset = len(header)
+            for spec in shard:
+                self._place[spec.name] = (handle.fileno(), offset, spec.nbytes)
+                offset += spec.nbytes
+            self._file_sizes.append(offset)
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.bytes_written = 0
 
-    def _switch_to(self, shard_index: int) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._handle = open(self.folder / self.file_names[shard_index], "wb")
-        self._handle.write(_header(self.shards[shard_index], self.metadata))
-        self._open_index = shard_index
+    def _claim(self, name: str, offset: int, size: int) -> tuple[int, int]:
+        if name not in self._place:
+            raise ValueError(f"tensor {name!r} was not planned")
+        fd, base, nbytes = self._place[name]
+        if offset < 0 or offset + size > nbytes:
+            raise ValueError(f"tensor {name!r}: bytes {offset}..{offset + size} are outside its {nbytes}")
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + size
+            if self._written[name] > nbytes:
+                raise ValueError(f"tensor {name!r}: {self._written[name]} bytes written, planned {nbytes}")
+            self.bytes_written += size
+        return fd, base + offset
+
+    def write_at(self, name: str, data: bytes | memoryview, offset: int = 0) -> None:
+        """Bytes of a tensor, ``offset`` bytes into it (a block of its rows)."""
+        view = memoryview(data).cast("B")
+        fd, at = self._claim(name, offset, len(view))
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+
+    def copy_from(self, name: str, source: FileSlice) -> None:
+        """A whole tensor copied from another file as it is."""
+        fd, at = self._claim(name, 0, source.length)
+        copy_file_slice(source, fd, at)
 
     def write(self, name: str, data: Payload) -> None:
-        if self._next >= len(self._queue):
-            raise ValueError(f"tensor {name!r} was not planned (all planned tensors are written)")
-        shard_index, spec = self._queue[self._next]
-        if name != spec.name:
-            raise ValueError(f"expected tensor {spec.name!r} next, got {name!r}")
-        size = data.length if isinstance(data, FileSlice) else len(memoryview(data).cast("B"))
-        if size != spec.nbytes:
-            raise ValueError(f"tensor {name!r}: {size} bytes, planned {spec.nbytes}")
-        if shard_index != self._open_index:
-            self._switch_to(shard_index)
-        assert self._handle is not None
+        """A whole tensor."""
         if isinstance(data, FileSlice):
-            _copy_slice(data, self._handle)
+            self.copy_from(name, data)
         else:
-            self._handle.write(data)
-        self.bytes_written += spec.nbytes
-        self._next += 1
+            self.write_at(name, data)
 
     def close(self) -> list[Path]:
-        """Finish the last shard and write the index (when sharded). Returns the files written."""
-        if self._next != len(self._queue):
-            missing = [spec.name for _, spec in self._queue[self._next:]]
-            raise ValueError(f"{len(missing)} planned tensors were never written, first {missing[0]!r}")
-        if self._handle is None and self._queue == []:
-            self._switch_to(0)  # an empty model still gets a valid file
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Check that every planned tensor is complete, finish the files and write the index (when sharded)."""
+        for handle in self._files:
+            handle.close()
+        incomplete = [name for name, (_, _, nbytes) in self._place.items() if self._written.get(name, 0) != nbytes]
+        if incomplete:
+            raise ValueError(f"{len(incomplete)} planned tensors were never written completely, first {incomplete[0]!r}")
         files = [self.folder / n for n in self.file_names]
+        for path, size in zip(files, self._file_sizes):
+            if path.stat().st_size != size:
+                raise ValueError(f"{path.name} is {path.stat().st_size} bytes, planned {size}")
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for shard in self.shards for s in shard)},

@@ -1,23 +1,24 @@
 """One stream of tensors, many writers: each tensor is produced once, in row blocks, and every writer encodes the same
-blocks into its own type; the encoded tensors are then written strictly in order.
+blocks into its own type and writes them at their place in its file.
 
 A ``StreamTensor`` is lazy: its rows are computed (a merge, a dequantization) only when a writer asks for them, on a
-worker thread, one block of about BLOCK_VALUES values at a time, so the block is still in cache when the writers
-convert it. Where every writer can take the stored bytes as they are (``raw``), nothing is computed at all: the kernel
-copies the bytes. ``pump`` runs it: one tensor per core (single-threaded torch each, see ordered_pool.py), at most two
-tensors per core in flight, so memory holds a few tensors whatever the model's size or the number of writers.
+worker thread, one block of about BLOCK_VALUES values at a time, so the block is still in cache when each writer
+converts it and writes it (positional writes: formats whose layout is planned up front need no ordering and no
+whole-tensor buffer). Where a writer can take the stored bytes as they are (``raw``), nothing is computed for it: the
+kernel copies the bytes. ``pump`` runs it: one tensor per core (single-threaded torch each, see ordered_pool.py), at
+most two tensors per core in flight, so memory holds a few blocks per writer whatever the model's size.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from converters.ordered_pool import ordered_map, single_threaded_torch
@@ -28,7 +29,6 @@ from converters.safetensors_out import FileSlice
 # writer (measured on the merge: 1.6 GB/s of bf16 in blocks vs 0.34 GB/s in whole-tensor passes, 2 cores).
 BLOCK_VALUES = 1 << 20
 
-Payload = Union[bytes, memoryview, np.ndarray, FileSlice]
 Rows = Iterator[tuple[int, int, torch.Tensor]]  # (first row, end row, the rows): valid until the next block
 
 
@@ -56,6 +56,20 @@ class StreamTensor:
         return self.produce(rows)
 
 
+_workspaces = threading.local()
+
+
+def workspace(dtype: torch.dtype, numel: int, name: str = "block") -> torch.Tensor:
+    """A flat per-thread buffer of at least ``numel`` values, reused block after block (fresh memory would cost a page
+    fault per 4 KB written); valid until the same thread asks for the same name and dtype again."""
+    key = f"{name}_{dtype}"
+    buffer = getattr(_workspaces, key, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_workspaces, key, buffer)
+    return buffer[:numel]
+
+
 def tensor_rows(tensor: torch.Tensor) -> Callable[[int], Rows]:
     """``produce`` for a tensor already at hand (a memory-mapped view, or a small computed one)."""
 
@@ -69,24 +83,22 @@ def tensor_rows(tensor: torch.Tensor) -> Callable[[int], Rows]:
 
 
 class Encoder(Protocol):
-    """A writer's conversion of one tensor: fed every block (unless ``needs_rows`` is False), then finished."""
+    """A writer's conversion of one tensor: fed every block in order (unless ``needs_rows`` is False), each block
+    written as it comes; ``finish`` completes the tensor (checks, or a conversion that needs it whole)."""
 
     needs_rows: bool
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None: ...
 
-    def finish(self) -> Payload: ...
+    def finish(self) -> None: ...
 
 
 class TensorWriter(Protocol):
-    """A file format fed by the stream: an encoder per tensor (None: the format has no place for it), then ordered
-    writes of what the encoders produced."""
+    """A file format fed by the stream: an encoder per tensor, or None where the format has no place for it."""
 
     def row_unit(self, tensor: StreamTensor) -> int: ...
 
     def encoder(self, tensor: StreamTensor) -> Encoder | None: ...
-
-    def write(self, name: str, payload: Payload) -> None: ...
 
 
 class Passthrough:
@@ -94,52 +106,40 @@ class Passthrough:
 
     needs_rows = False
 
-    def __init__(self, raw: FileSlice) -> None:
-        self.raw = raw
+    def __init__(self, copy: Callable[[], None]) -> None:
+        self._copy = copy
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
         raise AssertionError("a pass-through takes no rows")
 
-    def finish(self) -> Payload:
-        return self.raw
+    def finish(self) -> None:
+        self._copy()
 
 
-def payload_size(payload: Payload) -> int:
-    if isinstance(payload, FileSlice):
-        return payload.length
-    if isinstance(payload, np.ndarray):
-        return payload.nbytes
-    return len(memoryview(payload).cast("B"))
-
-
-def _encode_all(tensor: StreamTensor, writers: Sequence[TensorWriter], block_values: int) -> list[Payload | None]:
-    encoders = [w.encoder(tensor) for w in writers]
-    rowed = [(w, e) for w, e in zip(writers, encoders) if e is not None and e.needs_rows]
+def _encode_all(tensor: StreamTensor, writers: Sequence[TensorWriter], block_values: int) -> None:
+    pairs = [(w, e) for w, e in ((w, w.encoder(tensor)) for w in writers) if e is not None]
+    rowed = [(w, e) for w, e in pairs if e.needs_rows]
     if rowed:
         unit = math.lcm(*(w.row_unit(tensor) for w, _ in rowed))
         for start, stop, rows in tensor.rows(unit, block_values):
             for _, encoder in rowed:
                 encoder.add(start, stop, rows)
-    return [e.finish() if e is not None else None for e in encoders]
+    for _, encoder in pairs:
+        encoder.finish()
 
 
 def pump(tensors: Iterable[StreamTensor], writers: Sequence[TensorWriter], workers: int = 1,
-         on_written: Callable[[StreamTensor, int], None] | None = None, block_values: int = BLOCK_VALUES) -> None:
-    """Encode every tensor for every writer (``workers`` tensors at a time) and write them in order. ``on_written``
-    gets each tensor and the bytes written for it (for progress)."""
+         on_written: Callable[[StreamTensor], None] | None = None, block_values: int = BLOCK_VALUES) -> None:
+    """Every tensor encoded and written by every writer, ``workers`` tensors at a time. ``on_written`` gets each tensor
+    once every writer has it, in stream order (for progress)."""
     parallel = single_threaded_torch() if workers > 1 else nullcontext()
     with parallel:
         encode = functools.partial(_encode_all, writers=writers, block_values=block_values)
-        for tensor, payloads in ordered_map(encode, tensors, workers):
-            written = 0
-            for writer, payload in zip(writers, payloads):
-                if payload is not None:
-                    writer.write(tensor.name, payload)
-                    written += payload_size(payload)
+        for tensor, _ in ordered_map(encode, tensors, workers):
             if tensor.done is not None:
                 tensor.done()
             if on_written is not None:
-                on_written(tensor, written)
+                on_written(tensor)
 
 
 def file_tensors(files: Sequence[SafetensorsFile]) -> list[StreamTensor]:
@@ -149,7 +149,6 @@ def file_tensors(files: Sequence[SafetensorsFile]) -> list[StreamTensor]:
     for file in files:
         for info in sorted(file.tensors.values(), key=lambda t: t.begin):
             tensors.append(StreamTensor(
-                info.name, info.shape, info.torch_dtype,
-                functools.partial(lambda f, n, rows: tensor_rows(f.tensor(n))(rows), file, info.name),
+                info.name, info.shape, info.torch_dtype, functools.partial(file.rows, info.name),
                 raw=FileSlice(file.path, info.begin, info.nbytes), done=functools.partial(file.release, info.name)))
     return tensors

@@ -110,6 +110,7 @@ class Context:
     merged_config: dict[str, Any] = field(default_factory=dict)  # config.json of the merged model
     model_files: Path | None = None  # config.json + generation config + tokenizer of the merged model (no weights)
     tokenizer_dir: Path | None = None  # the folder whose tokenizer the output carries (adapter's, else base's)
+    tokenizer_json: dict[str, Any] | None = None  # its tokenizer.json, parsed once; dropped after pre-flight
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     tensor_stream: Iterator[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
     format_state: dict[str, Any] = field(default_factory=dict)  # what a format's pre-flight prepared for its writer

@@ -41,12 +41,21 @@ TARGETS = {"chain/gguf:f16 time": (">=", 4.0), "gguf:f16/chain peak RSS": ("<=",
 
 
 def child_build_llama(folder: str, size_gb: str) -> None:
+    """bench_merge's llama with a SentencePiece tokenizer (tokenizer.model): the form llama.cpp's converter takes for
+    a llama without a known byte-level pre-tokenizer."""
+    import sentencepiece as spm
     from bench_merge import child_build
 
-    from exporter.demo import build_tokenizer
+    from exporter.demo import _CORPUS
 
     child_build(folder, size_gb)
-    build_tokenizer(Path(folder) / "base", vocab_size=320)
+    base = Path(folder) / "base"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS * 20), model_prefix=str(base / "tokenizer"),
+                                   vocab_size=360, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (base / "tokenizer.vocab").unlink()
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
 def child_build_gemma(folder: str) -> None:
@@ -66,6 +75,10 @@ def child_build_gemma(folder: str) -> None:
         del model.config.quantization_config
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
+    # transformers 5 names the class TokenizersBackend, which the chain's transformers 4.57 does not know; Gemma's own
+    # tokenizer_config.json says GemmaTokenizer.
+    config_path = root / "base" / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": "GemmaTokenizer"}))
     shutil.rmtree(root / "gguf")
     torch.manual_seed(0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,11 +97,13 @@ def child_copy(base: str, out: str) -> None:
 def child_peft(base: str, adapter: str, out: str) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)  # convert_hf_to_gguf reads the tokenizer from there
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(base) / name).is_file():  # as users do: the base's tokenizer files beside the merged weights
+            shutil.copyfile(Path(base) / name, Path(out) / name)
 
 
 def chain_environment(workdir: Path) -> tuple[Path, Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from converters.gguf.types import GGUF_TYPES, GGUFType, byte_shape, tensor_type
 from converters.gguf.vocab import Vocab, load_vocab
 from converters.ordered_pool import default_workers
 from converters.safetensors_in import SafetensorsFile
-from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump
+from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, workspace
 
 
 class GGUFExportError(ValueError):
@@ -98,54 +99,67 @@ class GGUFPlan:
 
 
 class _DataSection:
-    """Writes the data section tensor by tensor, in the planned order, each on the alignment boundary the tensor
-    infos' offsets say. Refuses tensors out of order or of the wrong size, and a section left unfinished."""
+    """The data section's layout, each tensor on the alignment boundary the tensor infos' offsets say, and the check
+    that every planned tensor is written exactly once, completely. Tensors arrive in any order, from any thread."""
 
-    def __init__(self, out: BinaryIO, alignment: int, plan: list[_PlannedTensor], result: GGUFResult) -> None:
-        self.out, self.alignment, self.result = out, alignment, result
-        self.pending = list(reversed(plan))  # the next tensor to write is last
+    def __init__(self, fd: int, start: int, alignment: int, plan: list[_PlannedTensor], result: GGUFResult) -> None:
+        self.fd, self.result = fd, result
+        self.place: dict[int, int] = {}  # id(entry) -> absolute offset of its data
+        offset = 0
+        for entry in plan:
+            self.place[id(entry)] = start + offset
+            offset += -(-entry.nbytes // alignment) * alignment  # GGUFWriter pads every tensor to the alignment
+        self.end = start + offset
+        self.plan = plan
+        self.written: dict[int, int] = {}
+        self._lock = threading.Lock()
 
-    def write(self, entry: _PlannedTensor, data: np.ndarray) -> None:
-        if not self.pending or self.pending.pop() is not entry:
-            raise AssertionError(f"{entry.gguf_name} is out of the order its tensor info was written in")
-        if data.nbytes != entry.nbytes:
-            raise AssertionError(f"{entry.gguf_name}: wrote {data.nbytes} bytes, planned {entry.nbytes}")
-        self._pad()
-        self.out.write(memoryview(data))
-        self.result.tensor_types[entry.gguf_name] = entry.qtype.name
+    def write(self, entry: _PlannedTensor, data: np.ndarray | memoryview, offset: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        if id(entry) not in self.place:
+            raise AssertionError(f"{entry.gguf_name} is not in the plan")
+        if offset + len(view) > entry.nbytes:
+            raise AssertionError(f"{entry.gguf_name}: bytes {offset}..{offset + len(view)} are outside its "
+                                 f"{entry.nbytes}")
+        with self._lock:
+            self.written[id(entry)] = self.written.get(id(entry), 0) + len(view)
+            if self.written[id(entry)] > entry.nbytes:
+                raise AssertionError(f"{entry.gguf_name}: {self.written[id(entry)]} bytes written, planned "
+                                     f"{entry.nbytes}")
+        at = self.place[id(entry)] + offset
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
 
     def finish(self) -> None:
-        if self.pending:
-            raise AssertionError(f"{len(self.pending)} planned tensors were never written, {self.pending[-1].gguf_name} "
-                                 "first")
-        self._pad()
-
-    def _pad(self) -> None:
-        self.out.write(bytes(-self.out.tell() % self.alignment))
+        unfinished = [e for e in self.plan if self.written.get(id(e), 0) != e.nbytes]
+        if unfinished:
+            raise AssertionError(f"{len(unfinished)} planned tensors were never written completely, "
+                                 f"{unfinished[0].gguf_name} first")
+        os.ftruncate(self.fd, self.end)  # the last tensor's padding
+        for entry in self.plan:
+            self.result.tensor_types[entry.gguf_name] = entry.qtype.name
 
 
 class _TensorEncoder:
-    """One tensor's GGML bytes, filled block by block (transformed as llama.cpp expects) into one buffer."""
+    """One tensor's GGML bytes, block by block (transformed as llama.cpp expects), each written at its place."""
 
     needs_rows = True
 
-    def __init__(self, plan: GGUFPlan, entry: _PlannedTensor) -> None:
-        self.plan, self.entry = plan, entry
-        self.out = np.empty(entry.nbytes, dtype=np.uint8)
+    def __init__(self, plan: GGUFPlan, section: _DataSection, entry: _PlannedTensor) -> None:
+        self.plan, self.section, self.entry = plan, section, entry
         self.total_rows = entry.shape[0] if entry.shape else 1
         self.row_bytes = entry.nbytes // self.total_rows
-        self.filled = 0
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
         rows = transform(self.plan.spec, self.plan.hp, self.entry.hf_name, rows, total_rows=self.total_rows)
-        begin, end = start * self.row_bytes, stop * self.row_bytes
-        encode_rows_into(rows, self.entry.qtype, torch.from_numpy(self.out[begin:end]))
-        self.filled += end - begin
+        out = workspace(torch.uint8, (stop - start) * self.row_bytes, "gguf")
+        encode_rows_into(rows, self.entry.qtype, out)
+        self.section.write(self.entry, out.numpy(), start * self.row_bytes)
 
-    def finish(self) -> np.ndarray:
-        if self.filled != self.entry.nbytes:
-            raise AssertionError(f"{self.entry.gguf_name}: {self.filled} of {self.entry.nbytes} bytes encoded")
-        return self.out
+    def finish(self) -> None:
+        """Completeness is checked for every tensor at once when the file closes."""
+
 
 def _add_key(writer: gguf.GGUFWriter, key: str, kind: str, value: object) -> None:
     if kind == U32:
@@ -202,7 +216,11 @@ class GGUFStreamWriter:
             self.abort()
             raise
         self.result = GGUFResult(self.target, plan.spec.name, plan.type_name)
-        self._section = _DataSection(self._writer.fout[0], self._writer.data_alignment, plan.order, self.result)
+        handle = self._writer.fout[0]
+        handle.flush()  # the header is in the file; tensors are written at their offsets from here on
+        alignment = self._writer.data_alignment
+        start = -(-handle.tell() // alignment) * alignment
+        self._section = _DataSection(handle.fileno(), start, alignment, plan.order, self.result)
 
     def _write_header(self, vocab: Vocab, metadata: dict[str, str], name: str) -> None:
         writer, plan = self._writer, self.plan
@@ -238,10 +256,7 @@ class GGUFStreamWriter:
 
     def encoder(self, tensor: StreamTensor) -> _TensorEncoder | None:
         entry = self.plan.by_hf_name.get(tensor.name)
-        return None if entry is None else _TensorEncoder(self.plan, entry)
-
-    def write(self, name: str, payload: np.ndarray) -> None:
-        self._section.write(self.plan.by_hf_name[name], payload)
+        return None if entry is None else _TensorEncoder(self.plan, self._section, entry)
 
     # -------------------------------------------------------------------------------------------------------------
     def close(self) -> GGUFResult:
@@ -293,7 +308,8 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
                                                                              or Path(folder).name))
     try:
         pump(tensors, [writer], workers or default_workers(),
-             on_written=None if on_bytes is None else lambda _, n: on_bytes(n), block_values=block_values)
+             on_written=None if on_bytes is None else lambda t: on_bytes(t.numel * t.dtype.itemsize),
+             block_values=block_values)
     except BaseException:
         writer.abort()
         raise

@@ -8,22 +8,21 @@ from typing import Any, Protocol
 
 import torch
 
-from converters.tensor_stream import Encoder, Payload, StreamTensor
+from converters.tensor_stream import Encoder, StreamTensor
 from exporter.context import Artifact, Context
 from exporter.tolerances import Tolerance
 
 
 class Sink(Protocol):
-    """A format's writer for one run. When ``consumes_stream`` it is a TensorWriter (row_unit, encoder, write) fed
-    every output tensor once, in order; ``close`` finishes the files and returns the artifacts."""
+    """A format's writer for one run. When ``consumes_stream`` it is a TensorWriter (row_unit, encoder; see
+    converters/tensor_stream.py) fed every output tensor once; ``close`` finishes the files and returns the
+    artifacts."""
 
     consumes_stream: bool
 
     def row_unit(self, tensor: StreamTensor) -> int: ...
 
     def encoder(self, tensor: StreamTensor) -> Encoder | None: ...
-
-    def write(self, name: str, payload: Payload) -> None: ...
 
     def close(self) -> list[Artifact]: ...
 

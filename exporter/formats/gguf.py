@@ -39,7 +39,7 @@ def gguf_vocab(ctx: Context) -> Any:
                              "its tokenizer inside it.", "put the model's tokenizer files (tokenizer.json or "
                              "tokenizer.model, tokenizer_config.json) beside the base or the adapter.")
         try:
-            ctx.format_state[_VOCAB_STATE] = load_vocab(ctx.model_files, ctx.plan.gguf_pre)
+            ctx.format_state[_VOCAB_STATE] = load_vocab(ctx.model_files, ctx.plan.gguf_pre, ctx.tokenizer_json)
         except VocabError as e:
             raise InputError(str(ctx.tokenizer_dir), f"its tokenizer cannot be written into a GGUF: {e}.",
                              "do as the message says, or export safetensors instead (--to safetensors).") from e
@@ -63,7 +63,6 @@ class GGUFSink:
                                        name=str(ctx.base.config.get("_name_or_path") or ctx.base.path.name))
         self.row_unit = self.writer.row_unit
         self.encoder = self.writer.encoder
-        self.write = self.writer.write
 
     def close(self) -> list[Artifact]:
         result = self.writer.close()

@@ -8,13 +8,14 @@ output's is copied byte for byte by the kernel, never decoded.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from converters.safetensors_in import read_header
 from converters.safetensors_out import INDEX_NAME, ShardedWriter
-from converters.tensor_stream import Passthrough, Payload, StreamTensor
+from converters.tensor_stream import Passthrough, StreamTensor, workspace
 from exporter.context import Artifact, Context
 from exporter.errors import StageCheckError
 from exporter.formats.base import Format
@@ -24,27 +25,22 @@ from exporter.runners import transformers_folder_logits
 from exporter.tolerances import Tolerance
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes in safetensors order (row-major, little-endian) without a copy when contiguous."""
-    flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
 class _CastEncoder:
-    """The tensor in the output dtype, cast once from the rows as they arrive."""
+    """The tensor in the output dtype, cast once from each block of rows and written at its place."""
 
     needs_rows = True
 
-    def __init__(self, tensor: StreamTensor, dtype: torch.dtype, check_finite: bool) -> None:
-        self.name, self.check_finite = tensor.name, check_finite
-        self.out = torch.empty(tensor.shape, dtype=dtype)
-        self.rows = self.out.reshape(-1) if self.out.dim() <= 1 else self.out
+    def __init__(self, writer: ShardedWriter, tensor: StreamTensor, dtype: torch.dtype, check_finite: bool) -> None:
+        self.writer, self.name, self.dtype, self.check_finite = writer, tensor.name, dtype, check_finite
+        self.row_bytes = (math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1) * dtype.itemsize
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
-        cast_rows(self.rows[start:stop], rows, self.name, self.check_finite)
+        out = workspace(self.dtype, rows.numel()).view(rows.shape)
+        cast_rows(out, rows, self.name, self.check_finite)
+        self.writer.write_at(self.name, memoryview(out.reshape(-1).view(torch.uint8).numpy()), start * self.row_bytes)
 
-    def finish(self) -> Payload:
-        return tensor_bytes(self.out)
+    def finish(self) -> None:
+        """Completeness is the writer's to check when it closes."""
 
 
 class SafetensorsSink:
@@ -62,11 +58,8 @@ class SafetensorsSink:
     def encoder(self, tensor: StreamTensor) -> Passthrough | _CastEncoder:
         dtype = self.dtypes[tensor.name]
         if tensor.raw is not None and tensor.dtype == dtype:
-            return Passthrough(tensor.raw)
-        return _CastEncoder(tensor, dtype, self.ctx.plan.check_finite)
-
-    def write(self, name: str, payload: Payload) -> None:
-        self.writer.write(name, payload)
+            return Passthrough(lambda: self.writer.copy_from(tensor.name, tensor.raw))
+        return _CastEncoder(self.writer, tensor, dtype, self.ctx.plan.check_finite)
 
     def close(self) -> list[Artifact]:
         self.writer.close()

@@ -31,6 +31,7 @@ class ExportStage:
         try:
             for request in ctx.formats:
                 sinks.append((request, request.format.open_sink(ctx, request.variant)))
+            ctx.format_state.clear()  # what pre-flight prepared (a GGUF vocabulary, …) is in the files' headers now
             writers = [sink for _, sink in sinks if sink.consumes_stream]
             if writers:
                 self._pump(ctx, writers)
@@ -55,7 +56,7 @@ class ExportStage:
         workers = default_workers() if ctx.device.type == "cpu" else 1
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not ctx.plan.progress,
                   leave=False) as bar:
-            def written(tensor: StreamTensor, _: int) -> None:
+            def written(tensor: StreamTensor) -> None:
                 bar.update(tensor.numel * tensor.dtype.itemsize)
 
             pump(ctx.tensor_stream, writers, workers, on_written=written)

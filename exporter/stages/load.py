@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from exporter.errors import ExportError, InputError, StageCheckError
 from exporter.formats import parse_formats
 from exporter.layout import build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
+from exporter.schemas import tokenizer_json_ids
 
 log = logging.getLogger("lora_export")
 
@@ -70,18 +70,6 @@ class _BackgroundHashes:
         return self.result
 
 
-def tokenizer_size(folder: Path) -> int | None:
-    """Number of token ids a tokenizer.json can produce (max id + 1), without loading transformers."""
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
-    ids += [t["id"] for t in data.get("added_tokens", [])]
-    return max(ids) + 1 if ids else None
-
-
 class LoadStage:
     name = "load"
 
@@ -114,6 +102,7 @@ class LoadStage:
         # Everything each format needs is checked now, before the merge: a refusal costs seconds, not the merge.
         for request in ctx.formats:
             request.format.preflight(ctx, request.variant)
+        ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),
@@ -123,7 +112,10 @@ class LoadStage:
     def _check_tokenizer(ctx: Context) -> None:
         """A tokenizer that can emit ids past the embedding is the classic lost-resize bug (peft #2415)."""
         source = tokenizer_source(ctx.adapter.path, ctx.base.path)
-        n_tokens = tokenizer_size(source) if source else None
+        n_tokens = None
+        if source is not None and (source / "tokenizer.json").is_file():
+            # Parsed once here; GGUF's vocabulary reads it too during pre-flight (a 33 MB file costs 0.7 s a parse).
+            ctx.tokenizer_json, n_tokens = tokenizer_json_ids(source / "tokenizer.json")
         vocab = ctx.layout.config_updates.get("vocab_size") or ctx.layout.base_vocab
         if n_tokens is not None and vocab is not None and n_tokens > vocab:
             raise InputError(str(source / "tokenizer.json"), f"can produce {n_tokens} token ids but the merged model "

@@ -40,7 +40,12 @@ def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
         magnitude=adapter.tensor(module.magnitude_key) if module.magnitude_key else None,
         device=ctx.device, check_finite=ctx.plan.check_finite,
     )
-    yield from merge.rows(rows_per_block)
+    source = None if t.adapter_key else base.tensor_file[t.base_name]
+    row_bytes = weight.numel() * weight.element_size() // max(weight.shape[0], 1)
+    for start, stop, block in merge.rows(rows_per_block):
+        yield start, stop, block
+        if source is not None:  # the base rows merged so far need not stay in this process's memory
+            source.release(t.base_name, start * row_bytes, stop * row_bytes)
     ctx.report.setdefault("merge", []).append(  # list.append is atomic: workers may finish in any order
         {"tensor": t.name, "rank": module.rank, "alpha": module.alpha, "scale": module.scale,
          "dora": module.is_dora, "relative_change": merge.relative_change, "unchanged": merge.relative_change == 0.0})
@@ -58,7 +63,7 @@ def stream_tensor(ctx: Context, t: OutputTensor) -> StreamTensor:
     done = (lambda: source.release(t.base_name)) if source is not None else None
     if t.source == "copy":
         info = source.info(t.base_name)
-        return StreamTensor(t.name, t.shape, info.torch_dtype, lambda rows: tensor_rows(source.tensor(t.base_name))(rows),
+        return StreamTensor(t.name, t.shape, info.torch_dtype, lambda rows: source.rows(t.base_name, rows),
                             raw=FileSlice(source.path, info.begin, info.nbytes), done=done)
     if t.source == "merge":
         return StreamTensor(t.name, t.shape, torch.float32, lambda rows: _merged_rows(ctx, t, rows), done=done)

@@ -4,6 +4,8 @@ llama.cpp's own converter does."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -65,22 +67,31 @@ def test_block_size_and_workers_do_not_change_the_file(tmp_path, bf16_llama):
     assert (tmp_path / "one-block-per-tensor.gguf").read_bytes() == (tmp_path / "many-blocks.gguf").read_bytes()
 
 
-def test_data_section_refuses_disorder_wrong_sizes_and_gaps(tmp_path):
-    import io
-
+def test_data_section_takes_any_order_and_refuses_wrong_sizes_and_gaps(tmp_path):
     from converters.gguf.writer import GGUFResult, _DataSection, _PlannedTensor
 
     first = _PlannedTensor("first.weight", "first", (2, 32), QT.F32)  # 256 bytes
-    second = _PlannedTensor("second.weight", "second", (32,), QT.F32)  # 128 bytes
+    second = _PlannedTensor("second.weight", "second", (3,), QT.F32)  # 12 bytes, padded to 32
 
-    def section() -> _DataSection:
-        return _DataSection(io.BytesIO(), 32, [first, second], GGUFResult(tmp_path, "llama", "f32"))
+    def section(path) -> _DataSection:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        return _DataSection(fd, 64, 32, [first, second], GGUFResult(tmp_path, "llama", "f32"))
 
-    with pytest.raises(AssertionError, match="second.weight is out of the order"):
-        section().write(second, np.zeros(128, np.uint8))
-    with pytest.raises(AssertionError, match="wrote 128 bytes, planned 256"):
-        section().write(first, np.zeros(128, np.uint8))
-    unfinished = section()
+    ordered = section(tmp_path / "any-order")
+    ordered.write(second, np.arange(12, dtype=np.uint8))
+    ordered.write(first, np.full(128, 7, np.uint8), 128)  # the second half first
+    ordered.write(first, np.full(128, 5, np.uint8))
+    ordered.finish()
+    data = (tmp_path / "any-order").read_bytes()
+    assert len(data) == 64 + 256 + 32 and data[64:192] == bytes([5]) * 128 and data[192:320] == bytes([7]) * 128
+    assert data[320:332] == bytes(range(12)) and data[332:] == bytes(20)
+    with pytest.raises(AssertionError, match="outside its 256"):
+        section(tmp_path / "a").write(first, np.zeros(200, np.uint8), 100)
+    twice = section(tmp_path / "b")
+    twice.write(second, np.zeros(12, np.uint8))
+    with pytest.raises(AssertionError, match="24 bytes written, planned 12"):
+        twice.write(second, np.zeros(12, np.uint8))
+    unfinished = section(tmp_path / "c")
     unfinished.write(first, np.zeros(256, np.uint8))
-    with pytest.raises(AssertionError, match="1 planned tensors were never written, second.weight first"):
+    with pytest.raises(AssertionError, match="1 planned tensors were never written completely, second.weight first"):
         unfinished.finish()

@@ -28,7 +28,7 @@ def test_round_trip_through_library(tmp_path, monkeypatch, use_kernel_copy):
     out = tmp_path / "out"
     out.mkdir()
     writer = ShardedWriter(out, specs, max_shard_bytes=300)
-    for i, spec in enumerate(specs):  # alternate the two payload kinds
+    for i, spec in enumerate(reversed(specs)):  # any order; alternate the payload kinds
         info = src.info(spec.name)
         writer.write(spec.name, FileSlice(src.path, info.begin, info.nbytes) if i % 2 else src.raw(spec.name))
     writer.close()
@@ -39,15 +39,28 @@ def test_round_trip_through_library(tmp_path, monkeypatch, use_kernel_copy):
     assert set(loaded) == set(TENSORS) and all(torch.equal(loaded[n], TENSORS[n]) for n in TENSORS)
 
 
-def test_writer_refuses_out_of_order_and_short_data(tmp_path):
+def test_a_tensor_written_in_blocks_at_offsets(tmp_path):
+    t = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16)
+    writer = ShardedWriter(tmp_path, [TensorSpec("t", "F32", (64, 16))], 10**9)
+    row_bytes = 16 * 4
+    for start in (48, 0, 16, 32):  # blocks of 16 rows, out of order
+        writer.write_at("t", t[start:start + 16].numpy().tobytes(), start * row_bytes)
+    writer.close()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["t"], t)
+
+
+def test_writer_refuses_unknown_wrong_sized_repeated_and_missing_tensors(tmp_path):
     specs = [TensorSpec("x", "F32", (2,)), TensorSpec("y", "F32", (1,))]
     writer = ShardedWriter(tmp_path, specs, 10**9)
-    with pytest.raises(ValueError, match="expected tensor 'x'"):
+    with pytest.raises(ValueError, match="'z' was not planned"):
+        writer.write("z", b"\0" * 4)
+    with pytest.raises(ValueError, match="outside its 8"):
+        writer.write("x", b"\0" * 12)
+    writer.write("y", b"\0" * 4)
+    with pytest.raises(ValueError, match="8 bytes written, planned 4"):
         writer.write("y", b"\0" * 4)
-    with pytest.raises(ValueError, match="planned 8"):
-        writer.write("x", b"\0" * 4)
-    writer.write("x", b"\0" * 8)
-    with pytest.raises(ValueError, match="never written"):
+    writer.write_at("x", b"\0" * 4)
+    with pytest.raises(ValueError, match="never written completely, first 'x'"):
         writer.close()
 
 
