@@ -33,17 +33,21 @@ def transformers_folder_logits(folder: Path, ctx: Context, probes: list[torch.Te
 
 
 class PeakRss:
-    """The process's largest resident set size while the block runs (polled every 20 ms)."""
+    """The process's largest resident set size while the block runs (polled every 20 ms), and apart from it the
+    largest anonymous part (resident minus file-backed pages: a mapped GGUF's pages are page cache the kernel can
+    evict, not memory the run holds)."""
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak = self.peak_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         me = psutil.Process()
         while True:
-            self.peak = max(self.peak, me.memory_info().rss)
+            info = me.memory_info()
+            self.peak = max(self.peak, info.rss)
+            self.peak_anon = max(self.peak_anon, info.rss - getattr(info, "shared", 0))
             if self._stop.wait(0.02):
                 return
 

@@ -23,7 +23,9 @@ _NUMPY_LAYOUT: dict[VT, str] = {
 
 def _packed_array(values: Sequence[Any], item_type: VT) -> bytes | None:
     """The array's items packed as GGUFWriter would, or None where only GGUFWriter's own path is sure to agree."""
-    if {VT.get_type(v) for v in values} != {item_type}:
+    # GGUFWriter's type of every item, asked once per distinct Python type (per item it costs 0.5 s on 800k items).
+    kinds = set(map(type, values))
+    if len(kinds) > 3 or {VT.get_type(next(v for v in values if type(v) is kind)) for kind in kinds} != {item_type}:
         return None  # mixed or unusual items: GGUFWriter's rules (and its errors) apply
     if item_type == VT.STRING:
         encoded = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]

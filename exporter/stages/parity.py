@@ -90,7 +90,8 @@ class ParityStage:
         log.info("parity runs models %s: %s", "whole" if ctx.parity_mode == "whole" else "module by module", why)
         with PeakRss() as peak:
             self._run(ctx)
-        ctx.report["parity_run"] = {"mode": ctx.parity_mode, "why": why, "peak_rss_mb": round(peak.peak / 2**20)}
+        ctx.report["parity_run"] = {"mode": ctx.parity_mode, "why": why, "peak_rss_mb": round(peak.peak / 2**20),
+                                    "peak_anon_mb": round(peak.peak_anon / 2**20)}
 
     @staticmethod
     def _reference_logits(ctx: Context, tok: Any) -> tuple[Probes, torch.Tensor]:
