@@ -44,6 +44,8 @@ class StreamTensor:
     produce: Callable[[int], Rows]
     raw: FileSlice | None = None
     done: Callable[[], None] | None = None  # called once every writer has the tensor (e.g. release its mmap pages)
+    original: Callable[[], torch.Tensor] | None = None  # for a computed tensor: what it was computed from (the base
+    # weight before a merge), for writers that report what of the change survives their quantization
 
     @property
     def numel(self) -> int:

@@ -102,6 +102,12 @@ class Adapter:
             return self._tensors[key]
         return self._tensors.tensor(key)
 
+    def release(self, *keys: str) -> None:
+        """Drop these tensors' pages from this process's resident memory once they are used (they stay cached)."""
+        if isinstance(self._tensors, SafetensorsFile):
+            for key in keys:
+                self._tensors.release(key)
+
     def shape(self, key: str) -> tuple[int, ...]:
         if isinstance(self._tensors, dict):
             return tuple(self._tensors[key].shape)

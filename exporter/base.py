@@ -1,19 +1,34 @@
-"""Resolving the base model: a local Hugging Face folder, or a model id already in the local HF cache (offline)."""
+"""Resolving the base model — a local Hugging Face folder, or a model id already in the local HF cache (offline) — and
+presenting its tensors as the float model it stands for.
+
+A bitsandbytes-quantized base (NF4/FP4/int8, as transformers saves it) is presented tensor by tensor as its
+dequantized float values: `info` gives the logical shape and dtype, `rows`/`tensor` compute the values from the stored
+codes when asked (converters/bnb), so every stage downstream sees one kind of base.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converters.safetensors_in import SafetensorsError, SafetensorsFile, TensorInfo
+import torch
+
+from converters.safetensors_in import SafetensorsError, SafetensorsFile
+from converters.safetensors_out import FileSlice
+from converters.tensor_stream import tensor_rows
 from exporter.errors import InputError
 from exporter.schemas import read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Quantization methods a base may declare in config.json that lora-export cannot read (bitsandbytes it can).
+_OTHER_QUANTIZATION = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "compressed-tensors": "compressed-tensors",
+                       "hqq": "HQQ", "torchao": "torchao", "aqlm": "AQLM", "eetq": "EETQ", "quanto": "quanto",
+                       "exl2": "EXL2", "gguf": "GGUF", "bitnet": "BitNet", "fbgemm_fp8": "FBGEMM FP8",
+                       "higgs": "HIGGS", "vptq": "VPTQ", "spqr": "SpQR", "auto-round": "AutoRound"}
 
 
 def resolve_local_or_cached(spec: str, what: str, marker: str) -> Path:
@@ -38,18 +53,39 @@ def resolve_local_or_cached(spec: str, what: str, marker: str) -> Path:
     raise InputError(spec, f"no such folder for the {what}.", f"pass the folder that holds {marker}.")
 
 
+@dataclass(frozen=True)
+class BaseTensor:
+    """One tensor of the float model: its name, logical shape and the dtype of its values, and where it is stored
+    (``quantized``: the bitsandbytes parts it is computed from, else it is stored as it is)."""
+
+    name: str
+    shape: tuple[int, ...]
+    torch_dtype: torch.dtype
+    file: SafetensorsFile
+    quantized: Any = None  # converters.bnb.LogicalTensor
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.torch_dtype.itemsize
+
+
 @dataclass
 class BaseModel:
     path: Path
     config: dict[str, Any]
     files: list[SafetensorsFile]
-    tensor_file: dict[str, SafetensorsFile] = field(default_factory=dict)  # tensor name -> file holding it
+    tensors: dict[str, BaseTensor] = field(default_factory=dict)  # in file order
+    quantization: Any = None  # converters.bnb.BnbConfig for a bitsandbytes base
+    _file_of: dict[str, SafetensorsFile] = field(default_factory=dict, repr=False)  # every stored key -> its file
 
-    def info(self, name: str) -> TensorInfo:
-        return self.tensor_file[name].info(name)
+    def info(self, name: str) -> BaseTensor:
+        return self.tensors[name]
 
     def has(self, name: str) -> bool:
-        return name in self.tensor_file
+        return name in self.tensors
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -61,6 +97,61 @@ class BaseModel:
     def dtype_name(self) -> str | None:
         return self.config.get("dtype") or self.config.get("torch_dtype")
 
+    def stored(self, key: str) -> torch.Tensor:
+        """A stored tensor by its checkpoint key (a zero-copy view)."""
+        return self._file_of[key].tensor(key)
+
+    def tensor(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """The float values: a zero-copy view of a stored tensor, or a dequantized one."""
+        entry = self.tensors[name]
+        if entry.quantized is None:
+            return entry.file.tensor(name)
+        from converters.bnb import dequantize
+
+        return dequantize(entry.quantized, self.stored, device)
+
+    def raw(self, name: str) -> FileSlice | None:
+        """Where the tensor's bytes are, when they are the tensor as it is (not for a quantized one)."""
+        entry = self.tensors[name]
+        if entry.quantized is not None:
+            return None
+        info = entry.file.info(name)
+        return FileSlice(entry.file.path, info.begin, info.nbytes)
+
+    def rows(self, name: str, rows_per_block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        entry = self.tensors[name]
+        if entry.quantized is None:
+            return entry.file.rows(name, rows_per_block)
+        return tensor_rows(self.tensor(name))(rows_per_block)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop the tensor's pages (or a byte range of a stored one) from this process's resident memory."""
+        entry = self.tensors[name]
+        if entry.quantized is None:
+            entry.file.release(name, begin, end)
+        else:
+            for key in entry.quantized.keys.values():
+                self._file_of[key].release(key)
+
+
+def _quantization(config_path: Path, config: dict[str, Any]) -> Any:
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "?")) if isinstance(qc, dict) else "?"
+    if method != "bitsandbytes":
+        name = _OTHER_QUANTIZATION.get(method.lower(), method)
+        raise InputError(str(config_path), f"describes a {name}-quantized model, which lora-export cannot "
+                         "dequantize (it reads bitsandbytes NF4/FP4/int8 bases).",
+                         "merge into the unquantized base model the adapter was trained from.")
+    from converters.bnb import BnbFormatError, parse_quantization_config
+
+    try:
+        return parse_quantization_config(config)
+    except BnbFormatError as e:
+        raise InputError(str(config_path), f"quantization_config: {e}", "restore the config.json transformers "
+                         "saved with the quantized model.") from e
+
 
 def load_base(spec: str) -> BaseModel:
     path = resolve_local_or_cached(spec, "base model", "config.json and *.safetensors")
@@ -69,16 +160,20 @@ def load_base(spec: str) -> BaseModel:
         raise InputError(str(config_path), "is missing, so this is not a Hugging Face model folder.",
                          "point --base at the folder written by save_pretrained.")
     config = read_json_object(config_path, "restore the config.json written by save_pretrained.")
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
-        raise InputError(str(config_path), f"describes a {method}-quantized model; merging into quantized weights "
-                         "erases the fine-tune (peft #1043) and dequantization is not built yet.",
-                         "merge into the unquantized base model the adapter was trained from.")
+    quantization = _quantization(config_path, config)
 
     index_path = path / INDEX_NAME
     if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()), key=lambda n: n)
+        index = read_json_object(index_path, "restore the index file that came with the shards.")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index_path} (weight_map)", "is not an object of tensor name -> shard file name.",
+                             "restore the index file that came with the shards.")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if Path(name).name != name:
+                raise InputError(f"{index_path} (weight_map)", f"names {name!r}, which is not a file in the folder.",
+                                 "restore the index file that came with the shards.")
     elif (path / SINGLE_NAME).is_file():
         names = [SINGLE_NAME]
     else:
@@ -91,7 +186,7 @@ def load_base(spec: str) -> BaseModel:
                          "restore the index file that came with the shards (unsloth #2355).")
 
     files: list[SafetensorsFile] = []
-    tensor_file: dict[str, SafetensorsFile] = {}
+    file_of: dict[str, SafetensorsFile] = {}
     for name in names:
         shard_path = path / name
         if not shard_path.is_file():
@@ -102,6 +197,31 @@ def load_base(spec: str) -> BaseModel:
             raise InputError(str(shard_path), f"cannot be read as safetensors ({e}).",
                              "re-download the base model; the file may be truncated.") from e
         files.append(shard)
-        for tensor_name in shard.keys():
-            tensor_file[tensor_name] = shard
-    return BaseModel(path, config, files, tensor_file)
+        for key in sorted(shard.tensors, key=lambda k: shard.tensors[k].begin):
+            file_of[key] = shard
+    base = BaseModel(path, config, files, quantization=quantization, _file_of=file_of)
+    if quantization is None:
+        base.tensors = {key: BaseTensor(key, f.info(key).shape, f.info(key).torch_dtype, f) for key, f in file_of.items()}
+    else:
+        base.tensors = _logical_tensors(base, file_of)
+    return base
+
+
+def _logical_tensors(base: BaseModel, file_of: dict[str, SafetensorsFile]) -> dict[str, BaseTensor]:
+    """The float model a bitsandbytes checkpoint stands for, every quantized weight checked now (its parts present
+    and well-formed), so that bad input is refused before anything runs."""
+    from converters.bnb import BnbFormatError, group_tensors, logical_shape_dtype
+
+    try:
+        entries = group_tensors(file_of)
+        tensors = {}
+        for entry in entries:
+            main_key = entry.keys["tensor" if entry.kind == "plain" else "weight"]
+            shape, dtype = logical_shape_dtype(entry, base.stored)
+            tensors[entry.name] = BaseTensor(entry.name, tuple(shape), dtype, file_of[main_key],
+                                             None if entry.kind == "plain" else entry)
+        return tensors
+    except BnbFormatError as e:
+        where = file_of.get(getattr(e, "key", ""), None)
+        raise InputError(str(where.path if where else base.path), f"{e}", "restore the quantized checkpoint "
+                         "transformers saved (every shard), or merge into the unquantized base.") from e

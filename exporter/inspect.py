@@ -35,8 +35,7 @@ def describe(adapter_spec: str, base_spec: str | None = None, dtype: str | None 
         from exporter.stages.load import choose_dtype
 
         base = load_base(base_spec)
-        first = next((i.torch_dtype for f in base.files for i in f.tensors.values() if i.torch_dtype.is_floating_point),
-                     torch.float32)
+        first = next((t.torch_dtype for t in base.tensors.values() if t.torch_dtype.is_floating_point), torch.float32)
         out_dtype = choose_dtype(dtype, base.dtype_name, first)
         layout = build_layout(base, adapter, out_dtype)  # raises a MismatchError when they do not fit
         info["base"] = str(base.path)

@@ -191,14 +191,13 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
 
     # --- the output, in base order: merged, replaced or copied --------------------------------------------------------
     tensors: list[OutputTensor] = []
-    for base_file in base.files:
-        for info in sorted(base_file.tensors.values(), key=lambda t: t.begin):
-            name = info.name
-            entry = merges.get(name) or bias_merges.get(name) or replaces.get(name)
-            if entry is None:
-                dtype = out_dtype if info.torch_dtype.is_floating_point else info.torch_dtype
-                entry = OutputTensor(name, "copy", name, info.shape, dtype)
-            tensors.append(entry)
+    for info in base.tensors.values():  # file order
+        name = info.name
+        entry = merges.get(name) or bias_merges.get(name) or replaces.get(name)
+        if entry is None:
+            dtype = out_dtype if info.torch_dtype.is_floating_point else info.torch_dtype
+            entry = OutputTensor(name, "copy", name, info.shape, dtype)
+        tensors.append(entry)
     # Tied embeddings: PEFT's lm_head LoRA (or embedding LoRA) changes one end only, so the merged model has two
     # different matrices and must say so in its config, or loaders re-tie them and drop the change (peft #2018).
     if tied and output_weight and input_weight and (output_weight in merges or output_weight in replaces

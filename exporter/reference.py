@@ -59,8 +59,16 @@ def _open_tensors(folder: Path, allow_pickle: bool) -> tuple[list[str], Any, Any
     if path.is_file():
         from safetensors import safe_open
 
-        handle = safe_open(str(path), framework="pt")
-        return list(handle.keys()), handle.get_tensor, lambda key: tuple(handle.get_slice(key).get_shape())
+        def read(key: str) -> torch.Tensor:
+            # A handle per read: the library reads through a memory map, and one kept open would leave every page
+            # read resident for the rest of the run (a 70B adapter is gigabytes).
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(key)
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+        return keys, read, shapes.__getitem__
     if allow_pickle:
         state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
         return list(state), state.__getitem__, lambda key: tuple(state[key].shape)

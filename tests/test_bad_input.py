@@ -245,7 +245,7 @@ BASE_REFUSALS = {
                                     ["model.safetensors.index.json", "-of-", "does not exist"]),
     "truncated shard": (True, lambda b: (b / _shards(b)[0]).write_bytes((b / _shards(b)[0]).read_bytes()[:-64]),
                         ["-of-", "truncated"]),
-    "GPTQ base": (False, _gptq_config, ["config.json", "gptq"]),
+    "GPTQ base": (False, _gptq_config, ["config.json", "GPTQ-quantized"]),
 }
 
 

@@ -80,8 +80,7 @@ class LoadStage:
         ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
         ctx.base = load_base(plan.base)
         ctx.device = choose_device(plan.device)
-        first_float = next((i.torch_dtype for f in ctx.base.files for i in f.tensors.values()
-                            if i.torch_dtype.is_floating_point), None)
+        first_float = next((t.torch_dtype for t in ctx.base.tensors.values() if t.torch_dtype.is_floating_point), None)
         ctx.out_dtype = choose_dtype(plan.dtype, ctx.base.dtype_name, first_float)
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
         ctx.layout = layout
@@ -105,7 +104,7 @@ class LoadStage:
         ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
-                 ctx.base.path, len(ctx.base.tensor_file), len(ctx.base.files), len(ctx.adapter.modules),
+                 ctx.base.path, len(ctx.base.tensors), len(ctx.base.files), len(ctx.adapter.modules),
                  len(ctx.adapter.replacements), ctx.out_dtype, ctx.device)
 
     @staticmethod

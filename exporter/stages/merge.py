@@ -33,40 +33,43 @@ def _adapter_slice(ctx: Context, key: str) -> FileSlice | None:
 
 def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
     base, adapter, module = ctx.base, ctx.adapter, t.module
-    weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor_file[t.base_name].tensor(t.base_name)
+    weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor(t.base_name, ctx.device)
     merge = LoraMerge(
         weight, adapter.tensor(module.a_key), adapter.tensor(module.b_key), module.scale, name=t.name,
         fan_in_fan_out=t.layout == "conv1d", embedding=t.layout == "embedding",
         magnitude=adapter.tensor(module.magnitude_key) if module.magnitude_key else None,
         device=ctx.device, check_finite=ctx.plan.check_finite,
     )
-    source = None if t.adapter_key else base.tensor_file[t.base_name]
     row_bytes = weight.numel() * weight.element_size() // max(weight.shape[0], 1)
     for start, stop, block in merge.rows(rows_per_block):
         yield start, stop, block
-        if source is not None:  # the base rows merged so far need not stay in this process's memory
-            source.release(t.base_name, start * row_bytes, stop * row_bytes)
+        if not t.adapter_key:  # the base rows merged so far need not stay in this process's memory
+            base.release(t.base_name, start * row_bytes, stop * row_bytes)
+    adapter.release(*(k for k in (module.a_key, module.b_key, module.magnitude_key, t.adapter_key) if k))
     ctx.report.setdefault("merge", []).append(  # list.append is atomic: workers may finish in any order
         {"tensor": t.name, "rank": module.rank, "alpha": module.alpha, "scale": module.scale,
          "dora": module.is_dora, "relative_change": merge.relative_change, "unchanged": merge.relative_change == 0.0})
 
 
 def _merged_bias(ctx: Context, t: OutputTensor) -> torch.Tensor:
-    bias = ctx.base.tensor_file[t.base_name].tensor(t.base_name).to(torch.float32)
+    bias = ctx.base.tensor(t.base_name).to(torch.float32)
     return bias + t.module.scale * ctx.adapter.tensor(t.module.b_bias_key).to(torch.float32)
 
 
 def stream_tensor(ctx: Context, t: OutputTensor) -> StreamTensor:
-    """One output tensor as the stream hands it to every format."""
+    """One output tensor as the stream hands it to every format (``original``: the base weight an adapted tensor
+    was merged into, for formats that report how much of the change survives their quantization)."""
     base = ctx.base
-    source = base.tensor_file.get(t.base_name) if t.base_name else None
-    done = (lambda: source.release(t.base_name)) if source is not None else None
+    done = (lambda: base.release(t.base_name)) if t.base_name else None
     if t.source == "copy":
-        info = source.info(t.base_name)
-        return StreamTensor(t.name, t.shape, info.torch_dtype, lambda rows: source.rows(t.base_name, rows),
-                            raw=FileSlice(source.path, info.begin, info.nbytes), done=done)
+        info = base.info(t.base_name)
+        return StreamTensor(t.name, t.shape, info.torch_dtype, lambda rows: base.rows(t.base_name, rows),
+                            raw=base.raw(t.base_name), done=done)
     if t.source == "merge":
-        return StreamTensor(t.name, t.shape, torch.float32, lambda rows: _merged_rows(ctx, t, rows), done=done)
+        original = (lambda: ctx.adapter.tensor(t.adapter_key)) if t.adapter_key else \
+            (lambda: base.tensor(t.base_name))
+        return StreamTensor(t.name, t.shape, torch.float32, lambda rows: _merged_rows(ctx, t, rows), done=done,
+                            original=original)
     if t.source == "replace":
         return StreamTensor(t.name, t.shape, ctx.adapter.dtype(t.adapter_key),
                             lambda rows: tensor_rows(ctx.adapter.tensor(t.adapter_key))(rows),
