@@ -108,7 +108,7 @@ class BaseModel:
             return entry.file.tensor(name)
         from converters.bnb import dequantize
 
-        return dequantize(entry.quantized, self.stored, device)
+        return dequantize(entry.quantized, self.stored, device).to(entry.torch_dtype)
 
     def raw(self, name: str) -> FileSlice | None:
         """Where the tensor's bytes are, when they are the tensor as it is (not for a quantized one)."""
@@ -147,7 +147,7 @@ def _quantization(config_path: Path, config: dict[str, Any]) -> Any:
     from converters.bnb import BnbFormatError, parse_quantization_config
 
     try:
-        return parse_quantization_config(config)
+        return parse_quantization_config(qc)
     except BnbFormatError as e:
         raise InputError(str(config_path), f"quantization_config: {e}", "restore the config.json transformers "
                          "saved with the quantized model.") from e
@@ -215,9 +215,15 @@ def _logical_tensors(base: BaseModel, file_of: dict[str, SafetensorsFile]) -> di
     try:
         entries = group_tensors(file_of)
         tensors = {}
+        # int8 weights dequantize in float32 and transformers' dequantize() then casts them to the model's dtype,
+        # which is what a QLoRA forward on them reads: the same here.
+        model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            base.dtype_name or "", torch.float32)
         for entry in entries:
             main_key = entry.keys["tensor" if entry.kind == "plain" else "weight"]
             shape, dtype = logical_shape_dtype(entry, base.stored)
+            if entry.kind == "int8":
+                dtype = model_dtype
             tensors[entry.name] = BaseTensor(entry.name, tuple(shape), dtype, file_of[main_key],
                                              None if entry.kind == "plain" else entry)
         return tensors

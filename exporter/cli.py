@@ -89,6 +89,14 @@ def main(verbose: int, quiet: bool) -> None:
       help="Where the float32 merge runs.")
 @once("--parity", type=click.Choice(["on", "off"]), default="on", show_default=True,
       help="Compare the output with base + adapter (unmerged) and fail the run when it differs.")
+@once("--original-base", default=None,
+      help="For a quantized (bitsandbytes) base: the full-precision model it was made from, checked to be it.")
+@once("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
+      help="For a quantized base: merge into its dequantized weights (what training saw) or into --original-base's.")
+@once("--min-effect-kept", type=click.FloatRange(max=1.0), default=0.5, show_default=True,
+      help="Parity: warn when an artifact keeps less than this share of the adapter's effect (1 - KL(ref||artifact) "
+           "/ KL(ref||base)); a quantized format can erase a small adapter.")
+@click.option("--require-effect-kept", is_flag=True, help="Fail parity, not just warn, below --min-effect-kept.")
 @once("--parity-memory", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
       help="Parity: hold each model whole (faster) or load it module by module (memory flat in model size); auto "
            "picks whole when the model fits in the memory available.")
@@ -103,7 +111,9 @@ def main(verbose: int, quiet: bool) -> None:
       help="Parity: top-1 agreement on decisive positions (0-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
-        device: str, parity: str, parity_memory: str, overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
+        device: str, parity: str, original_base: str | None, merge_into: str, min_effect_kept: float,
+        require_effect_kept: bool, parity_memory: str,
+        overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
         accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
         no_progress: bool) -> None:
     """Merge ADAPTER into BASE and export it.
@@ -118,6 +128,8 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
         plan = ExportPlan(
             base=base, adapter=adapter, out=out.resolve(), formats=format_list(formats),
             dtype=dtype, device=device, parity=parity == "on", parity_memory=parity_memory, overwrite=overwrite,
+            min_effect_kept=min_effect_kept, require_effect_kept=require_effect_kept, original_base=original_base,
+            merge_into=merge_into,
             allow_pickle=allow_pickle,
             max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
             accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lora_export")
 
-DEFAULT_STAGES: tuple[str, ...] = ("load", "merge", "export", "parity")
+DEFAULT_STAGES: tuple[str, ...] = ("load", "dequantize", "merge", "export", "parity")
 
 
 def parse_size(text: str | int) -> int:
@@ -66,6 +66,10 @@ class ExportPlan:
     progress: bool = True
     gguf_pre: str | None = None  # BPE pre-tokenizer name for GGUF when it cannot be identified
     parity_memory: str = "auto"  # auto | whole | streamed: how parity holds a model (see exporter/layerwise.py)
+    original_base: str | None = None  # the full-precision model a quantized base was made from
+    merge_into: str = "dequantized"  # dequantized | original: which weights a quantized base's adapter is merged into
+    min_effect_kept: float = 0.5  # warn when an artifact keeps less of the adapter's effect than this
+    require_effect_kept: bool = False  # … and fail parity instead of warning
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
@@ -101,6 +105,8 @@ class Context:
 
     plan: ExportPlan
     base: BaseModel | None = None
+    original_base: BaseModel | None = None  # --original-base: the full-precision model a quantized base came from
+    merge_base: BaseModel | None = None  # --merge-into original: the weights merged into, when not the base's own
     adapter: Adapter | None = None
     device: torch.device = torch.device("cpu")
     out_dtype: torch.dtype | None = None

@@ -42,6 +42,7 @@ def merged_config(base_config: dict[str, Any], updates: dict[str, Any], out_dtyp
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     changes[dtype_key] = _DTYPE_CONFIG_NAMES[str(out_dtype)]
     config.update(changes)
+    config.pop("quantization_config", None)  # merged weights are float; a quantized output writes its own
     text_config = config.get("text_config")
     if isinstance(text_config, dict):  # multimodal configs keep the language model's settings here too
         config["text_config"] = {**text_config, **{key: value for key, value in updates.items()

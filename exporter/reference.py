@@ -147,24 +147,40 @@ def _embedding_hook(term: dict[str, Any], terms: AdapterTerms) -> Any:
     return hook
 
 
-def load_reference(base_path: Path, adapter_dir: Path, device: torch.device, allow_pickle: bool = False, *,
-                   mode: str = "whole", base_weights: Callable[[nn.Module], dict[str, WeightSource]] | None = None,
+class BaseModelTensors:
+    """A base's tensors as exporter/base.py presents them (a bitsandbytes base: dequantized), for the reference of a
+    quantized base: what QLoRA training computed with."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __contains__(self, name: str) -> bool:
+        return self.base.has(name)
+
+    def source(self, name: str) -> WeightSource:
+        return lambda: self.base.tensor(name).to(torch.float32)
+
+
+def load_reference(base_path: Path, adapter_dir: Path | None, device: torch.device, allow_pickle: bool = False, *,
+                   mode: str = "whole", base_tensors: Any = None,
                    on_module: Callable[[], None] | None = None) -> nn.Module:
-    """Base (float32) + adapter applied on the fly, weights loaded ``mode`` = "whole" or "streamed". The base's
-    weights come from its safetensors checkpoint, or from ``base_weights(model)`` (a dequantized base). Never trusts
-    remote code."""
-    terms = read_adapter_terms(Path(adapter_dir), allow_pickle)
+    """Base (float32) + adapter applied on the fly (``adapter_dir`` None: the base alone), weights loaded ``mode`` =
+    "whole" or "streamed". The base's weights come from its safetensors checkpoint (read with the safetensors
+    library), or from ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). Never trusts remote code."""
     model = skeleton(Path(base_path))
-    sources = base_weights(model) if base_weights else checkpoint_sources(model, CheckpointTensors(Path(base_path)))
-    for tensor_name, key in terms.replaced.items():
-        set_meta_parameter(model, tensor_name, terms.shape(key))
-        sources[tensor_name] = lambda key=key: terms.get(key)
-    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    for module_name, term in terms.lora.items():
-        module = model.get_submodule(module_name)
-        if term["embedding"]:
-            module.register_forward_hook(_embedding_hook(term, terms))
-        else:
-            module.register_forward_hook(_linear_hook(term, terms, type(module).__name__ == "Conv1D"))
+    sources = checkpoint_sources(model, base_tensors if base_tensors is not None
+                                 else CheckpointTensors(Path(base_path)))
+    if adapter_dir is not None:
+        terms = read_adapter_terms(Path(adapter_dir), allow_pickle)
+        for tensor_name, key in terms.replaced.items():
+            set_meta_parameter(model, tensor_name, terms.shape(key))
+            sources[tensor_name] = lambda key=key: terms.get(key)
+        model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+        for module_name, term in terms.lora.items():
+            module = model.get_submodule(module_name)
+            if term["embedding"]:
+                module.register_forward_hook(_embedding_hook(term, terms))
+            else:
+                module.register_forward_hook(_linear_hook(term, terms, type(module).__name__ == "Conv1D"))
     LoadedWeights(model, sources, mode, device, on_module)  # after the LoRA hooks: weights are dropped after them
     return model

@@ -108,6 +108,9 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "artifacts": [
             {"format": a.format, "path": str(a.path), "parity": a.parity} for a in ctx.artifacts
         ],
+        "dequantize": ctx.report.get("dequantize"),
+        "requantize": ctx.report.get("requantize"),
+        "parity_reference": ctx.report.get("parity_reference"),
         "parity_run": ctx.report.get("parity_run"),
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
     }
@@ -143,6 +146,8 @@ def model_card(report: dict[str, Any]) -> str:
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", "## Parity against base + adapter (unmerged, float32)", ""]
+    if report.get("parity_reference"):
+        lines += [f"Reference: {report['parity_reference']}.", ""]
     rows = [a["parity"] for a in report["artifacts"] if a["parity"]]
     if rows:
         lines += ["```", format_table(rows), "```"]

@@ -29,3 +29,7 @@ class Tolerance:
     max_kl: float | None  # mean KL(ref‖out) allowed
     min_top1: float | None  # top-1 agreement on decisive positions
     reason: str
+    # Lossy formats that may legitimately round an adapter away: fail only when the artifact is further from the
+    # reference than the base without the adapter is, by more than this many nats (no rounding explains that: a
+    # broken file). Whether the adapter survived is judged by --min-effect-kept instead.
+    broken_kl: float | None = None

@@ -392,3 +392,63 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
         llm.close()
     assert checked >= 4  # at least two prompts per type had a decisive continuation to compare
 
+
+
+@pytest.mark.slow
+def test_qlora_on_gemma_nf4_every_artifact(gemma, tmp_path):
+    """What most adapters are: QLoRA. Gemma 3 270M quantized to NF4 (double quant) by transformers, a PEFT adapter
+    trained on the 4-bit model, merged into the dequantized base and written as bf16 safetensors, re-quantized NF4 and
+    GGUF Q8_0. Every artifact passes parity against what training saw and keeps most of the adapter's effect."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quantized = tmp_path / "nf4-base"
+    model = AutoModelForCausalLM.from_pretrained(gemma.base, dtype=torch.bfloat16, device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(
+                                                     load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_use_double_quant=True,
+                                                     bnb_4bit_compute_dtype=torch.bfloat16))
+    model.save_pretrained(quantized)
+    tokenizer = AutoTokenizer.from_pretrained(gemma.base)
+    tokenizer.save_pretrained(quantized)
+    del model
+    start = time.perf_counter()
+    torch.manual_seed(SEED)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu"),
+                                LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=TRAIN_LR)
+    batch = [torch.tensor(tokenizer(t)["input_ids"]) for t in TRAIN_TEXTS]
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        optimizer.zero_grad()
+        loss = sum(peft_model(input_ids=b.unsqueeze(0), labels=b.unsqueeze(0)).loss for b in batch) / len(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    adapter = tmp_path / "qlora-adapter"
+    peft_model.save_pretrained(adapter)
+    del peft_model, optimizer
+    print(f"\n[qlora] trained on the NF4 base in {time.perf_counter() - start:.1f} s, losses "
+          f"{[round(x, 3) for x in losses]}")
+    assert losses[-1] < 0.5 * losses[0]
+
+    out = tmp_path / "out"
+    ctx = run_pipeline(ExportPlan(base=str(quantized), adapter=str(adapter), out=out, progress=False,
+                                  formats=("safetensors", "safetensors:nf4", "gguf:q8_0")))
+    for artifact in ctx.artifacts:
+        p = artifact.parity
+        print(f"[qlora {artifact.format}:{p['dtype']}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 "
+              f"{p['top1']:.4f}, decisive {p['top1_decisive']:.4f} of {p['decisive_positions']}, effect kept "
+              f"{p['adapter_effect_kept']:.3f}, passed {p['passed']}")
+        assert p["passed"], p
+    figures = {a.parity["dtype"]: a.parity for a in ctx.artifacts}
+    # Bounds: measured figures times a margin, tighter than the declared tolerances (bf16 KL 1e-3, q8_0 5e-2, nf4 1).
+    assert figures["bfloat16"]["kl"] <= 1e-3 / 2 and figures["bfloat16"]["adapter_effect_kept"] >= 0.99
+    assert figures["q8_0"]["kl"] <= 2e-2 and figures["q8_0"]["adapter_effect_kept"] >= 0.9
+    # Re-quantizing to 4 bits rounds much of a 6-step adapter away (peft #1043): measured 22% of its effect kept, and
+    # the run says so (a warning by default; --require-effect-kept makes it a failure).
+    assert 0.0 < figures["nf4"]["adapter_effect_kept"] < 0.5
+    assert any("safetensors:nf4 keeps" in note for note in ctx.notes)
+    report = json.loads((out / "report.json").read_text())
+    assert "what QLoRA training computed with" in report["parity_reference"]
+    print(f"[qlora] requantize nf4: {({k: v for k, v in report['requantize']['nf4'].items() if k != 'per_tensor'})}")

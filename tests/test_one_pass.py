@@ -142,7 +142,8 @@ def test_an_option_given_twice_is_an_error(bf16_case, tmp_path):
     base, adapter, _ = bf16_case
     values = {"--base": str(base), "--adapter": str(adapter), "--out": str(tmp_path / "out"), "--dtype": "float32",
               "--device": "cpu", "--parity": "off", "--max-shard-size": "1GB", "--max-abs": "1", "--max-kl": "1",
-              "--min-top1": "0.5", "--gguf-pre": "llama-bpe", "--parity-memory": "whole"}
+              "--min-top1": "0.5", "--gguf-pre": "llama-bpe", "--parity-memory": "whole",
+              "--original-base": str(base), "--merge-into": "dequantized", "--min-effect-kept": "0.5"}
     checked = 0
     for command in main.commands.values():
         once = [p for p in command.params if isinstance(p, OnceOption)]

@@ -12,7 +12,7 @@ import torch
 from exporter.adapter import load_adapter
 from exporter.base import load_base, resolve_local_or_cached
 from exporter.context import Context
-from exporter.errors import ExportError, InputError, StageCheckError
+from exporter.errors import ExportError, InputError, MismatchError, StageCheckError
 from exporter.formats import parse_formats
 from exporter.layout import build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
@@ -93,6 +93,7 @@ class LoadStage:
             "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
         }
         self._check_tokenizer(ctx)
+        self._original_base(ctx)
         ctx.merged_config = merged_config(ctx.base.config, ctx.config_updates, ctx.out_dtype)
         ctx.model_files = ctx.staging / MODEL_FILES_DIR
         write_model_files(ctx, ctx.model_files)
@@ -125,6 +126,38 @@ class LoadStage:
         if source is None:
             ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
         ctx.report["tokenizer_from"] = str(source) if source else None
+
+    @staticmethod
+    def _original_base(ctx: Context) -> None:
+        """--original-base: the full-precision model a quantized base was made from, checked here on every tensor's
+        name and shape (the dequantize stage re-quantizes its weights against the stored codes); --merge-into original
+        merges into its weights (what training saw stays the reference the report measures the cost against)."""
+        plan = ctx.plan
+        if plan.merge_into not in ("dequantized", "original"):
+            raise ExportError(f"--merge-into {plan.merge_into}", "is not a choice.", "use dequantized or original.")
+        if plan.original_base is None:
+            if plan.merge_into == "original":
+                raise InputError("--merge-into original", "needs the full-precision model the quantized base was made "
+                                 "from.", "pass --original-base PATH.")
+            return
+        if ctx.base.quantization is None:
+            raise InputError(f"--original-base {plan.original_base}", "is for a quantized --base, and this base is "
+                             "not quantized.", "drop --original-base (the base is already full precision).")
+        original = load_base(plan.original_base)
+        if original.quantization is not None:
+            raise InputError(str(original.path / "config.json"), "is itself a quantized model.",
+                             "pass the full-precision model the quantized base was made from.")
+        problems = [f"'{name}' is missing" for name in ctx.base.tensors if not original.has(name)]
+        problems += [f"'{name}' is {original.info(name).shape}, the quantized base's {t.shape}"
+                     for name, t in ctx.base.tensors.items() if original.has(name) and original.info(name).shape != t.shape]
+        if problems:
+            raise MismatchError(str(original.path), f"is not the model {ctx.base.path} was quantized from: "
+                                + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+                                + ".", "pass the full-precision model the quantized base was made from.")
+        ctx.original_base = original
+        if plan.merge_into == "original":
+            ctx.merge_base = original
+        ctx.report["original_base"] = {"path": str(original.path), "merged_into": plan.merge_into}
 
     @staticmethod
     def _check_transformers_knows(ctx: Context) -> None:

@@ -32,7 +32,7 @@ def _adapter_slice(ctx: Context, key: str) -> FileSlice | None:
 
 
 def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
-    base, adapter, module = ctx.base, ctx.adapter, t.module
+    base, adapter, module = ctx.merge_base or ctx.base, ctx.adapter, t.module
     weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor(t.base_name, ctx.device)
     merge = LoraMerge(
         weight, adapter.tensor(module.a_key), adapter.tensor(module.b_key), module.scale, name=t.name,
@@ -52,14 +52,14 @@ def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
 
 
 def _merged_bias(ctx: Context, t: OutputTensor) -> torch.Tensor:
-    bias = ctx.base.tensor(t.base_name).to(torch.float32)
+    bias = (ctx.merge_base or ctx.base).tensor(t.base_name).to(torch.float32)
     return bias + t.module.scale * ctx.adapter.tensor(t.module.b_bias_key).to(torch.float32)
 
 
 def stream_tensor(ctx: Context, t: OutputTensor) -> StreamTensor:
     """One output tensor as the stream hands it to every format (``original``: the base weight an adapted tensor
     was merged into, for formats that report how much of the change survives their quantization)."""
-    base = ctx.base
+    base = ctx.merge_base or ctx.base
     done = (lambda: base.release(t.base_name)) if t.base_name else None
     if t.source == "copy":
         info = base.info(t.base_name)

@@ -26,7 +26,7 @@ from exporter.formats import FORMATS
 from exporter.layerwise import LayerwiseError, count_weighted_modules, probe_logits, return_freed_memory_to_the_os, \
     skeleton
 from exporter.probes import Probes, probe_inputs
-from exporter.reference import load_reference
+from exporter.reference import BaseModelTensors, load_reference
 from exporter.report import compare_logits, format_table, judge
 from exporter.runners import PeakRss, progress
 from exporter.tolerances import RANDOM_PROBE_FACTOR, Tolerance
@@ -66,6 +66,18 @@ def choose_parity_mode(ctx: Context) -> tuple[str, str]:
     return "streamed", f"auto: {sizes}, so module by module"
 
 
+def _base_rows(probes: Probes, ctx: Context) -> torch.Tensor:
+    """Row mask of the positions the base alone can run: probes of rows a resized vocabulary added are left out."""
+    base_vocab = ctx.layout.base_vocab
+    return torch.cat([torch.full((len(p),), base_vocab is None or int(p.max()) < base_vocab) for p in probes.inputs])
+
+
+def _effect_kept(artifact_kl: float, adapter_kl: float) -> float | None:
+    """1 − KL(reference‖artifact) / KL(reference‖base): the share of the adapter's effect on the probes that the
+    artifact keeps (1: all of it; 0: it behaves like the base; negative: further from the reference than the base)."""
+    return None if adapter_kl <= 0 else 1.0 - artifact_kl / adapter_kl
+
+
 def _out_of_distribution(tol: Tolerance) -> Tolerance:
     return dataclasses.replace(
         tol, max_abs=None if tol.max_abs is None else tol.max_abs * RANDOM_PROBE_FACTOR,
@@ -94,15 +106,27 @@ class ParityStage:
                                     "peak_anon_mb": round(peak.peak_anon / 2**20)}
 
     @staticmethod
-    def _reference_logits(ctx: Context, tok: Any) -> tuple[Probes, torch.Tensor]:
+    def _model_logits(ctx: Context, tok: Any, with_adapter: bool, probes: Probes | None = None,
+                      base: Any = None) -> tuple[Probes, torch.Tensor]:
+        """The reference (base + adapter on the fly), or the base alone (``base``: another base than the run's, the
+        original of a quantized one); probes are made on the first call."""
+        base = base or ctx.base
+        quantized = base.quantization is not None
         try:
-            total = count_weighted_modules(skeleton(ctx.base.path))  # parameters on meta: costs no memory
-            with progress(ctx, "parity reference", total) as bar:
-                reference = load_reference(ctx.base.path, ctx.adapter.path, ctx.device, ctx.plan.allow_pickle,
-                                           mode=ctx.parity_mode, on_module=bar.update)
-                vocab = reference.get_input_embeddings().weight.shape[0]
-                probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
-                return probes, probe_logits(reference, probes.inputs, ctx.device)
+            total = count_weighted_modules(skeleton(base.path))  # parameters on meta: costs no memory
+            desc = "parity reference" if with_adapter else "parity base"
+            with progress(ctx, desc, total) as bar:
+                model = load_reference(base.path, ctx.adapter.path if with_adapter else None, ctx.device,
+                                       ctx.plan.allow_pickle, mode=ctx.parity_mode,
+                                       base_tensors=BaseModelTensors(base) if quantized else None,
+                                       on_module=bar.update)
+                if probes is None:
+                    vocab = model.get_input_embeddings().weight.shape[0]
+                    probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
+                base_vocab = ctx.layout.base_vocab
+                inputs = probes.inputs if with_adapter else \
+                    [p for p in probes.inputs if base_vocab is None or int(p.max()) < base_vocab]
+                return probes, probe_logits(model, inputs, ctx.device)
         except LayerwiseError as e:
             raise ExportError(str(ctx.base.path), f"parity cannot load this model {ctx.parity_mode} ({e}).",
                               "pass --parity-memory whole, or --parity off.") from e
@@ -110,8 +134,27 @@ class ParityStage:
     def _run(self, ctx: Context) -> None:
         # Loaded once for every artifact (Gemma's 262k-token tokenizer takes about a second each time).
         tok = _tokenizer(ctx.model_files) if (ctx.model_files / "tokenizer_config.json").is_file() else None
-        probes, ref_logits = self._reference_logits(ctx, tok)
+        probes, ref_logits = self._model_logits(ctx, tok, with_adapter=True)
+        ctx.report["parity_reference"] = (
+            "the base" + (f" dequantized from {ctx.report['dequantize']['type']} (what QLoRA training computed with)"
+                          if ctx.base.quantization is not None else "") + " + the adapter applied on the fly, float32")
+        training_logits = None
+        if ctx.merge_base is not None:
+            # Merged into the original full-precision weights: judged against original + adapter, and the distance
+            # to what training saw (the dequantized base + adapter) reported beside it.
+            training_logits = ref_logits
+            _, ref_logits = self._model_logits(ctx, tok, with_adapter=True, probes=probes, base=ctx.merge_base)
+            ctx.report["parity_reference"] = ("the original base + the adapter applied on the fly, float32 (the "
+                                              "figures against training's reference are under vs_training_reference)")
         text_rows = _positions(probes, text=True)
+        # How far the adapter moves the model, to say how much of that move each artifact keeps.
+        _, base_logits = self._model_logits(ctx, tok, with_adapter=False, probes=probes)
+        judged_rows = text_rows if text_rows.any() else torch.ones_like(text_rows)
+        base_rows = _base_rows(probes, ctx)
+        width = base_logits.shape[-1]  # a resized vocabulary: the base has no logits for the added tokens
+        training_ref = ref_logits if training_logits is None else training_logits
+        adapter_kl = compare_logits(training_ref[judged_rows & base_rows][:, :width], base_logits[judged_rows[base_rows]]
+                                    ).kl if (judged_rows & base_rows).any() else 0.0
         for artifact in ctx.artifacts:
             fmt = FORMATS.get(artifact.format)
             out_logits = fmt.run_parity(artifact, ctx, probes.inputs)
@@ -129,12 +172,27 @@ class ParityStage:
                 failures, random_part = judge(figures, tol), None
             extra, extra_failures = fmt.parity_checks(artifact, ctx, tok)
             failures += extra_failures
+            if tol.broken_kl is not None and figures.kl > adapter_kl + tol.broken_kl:
+                failures.append(f"KL {figures.kl:.3g} > the base's own {adapter_kl:.3g} + {tol.broken_kl:g}")
+            training_ref = ref_logits if training_logits is None else training_logits
+            kept = _effect_kept(compare_logits(training_ref[judged_rows], out_logits[judged_rows]).kl, adapter_kl)
+            if kept is not None and kept < ctx.plan.min_effect_kept:
+                message = (f"{artifact.format}:{artifact.variant} keeps {kept:.0%} of the adapter's effect on the "
+                           f"probes (KL to the reference vs KL of the base without the adapter)")
+                if ctx.plan.require_effect_kept:
+                    failures.append(f"keeps {kept:.0%} of the adapter's effect < {ctx.plan.min_effect_kept:.0%}")
+                else:
+                    ctx.note(message + f"; below {ctx.plan.min_effect_kept:.0%}")
             artifact.parity = {
                 "format": artifact.format, "path": str(artifact.path), "runtime": fmt.runtime,
                 "dtype": artifact.variant, "probes": "text" if text_rows.any() else "random ids",
                 **dataclasses.asdict(figures),
-                "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1},
+                "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
+                               "broken_kl": tol.broken_kl},
                 "threshold_reason": tol.reason, "random_probes": random_part, "tokenizer": extra,
+                "adapter_effect_kept": kept, "adapter_kl": adapter_kl,
+                "vs_training_reference": None if training_logits is None else dataclasses.asdict(
+                    compare_logits(training_logits[judged_rows], out_logits[judged_rows])),
                 "passed": not failures, "failures": "; ".join(failures),
             }
         rows = [a.parity for a in ctx.artifacts if a.parity]
