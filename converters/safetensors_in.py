@@ -40,6 +40,32 @@ class TensorInfo:
         return DTYPES[self.dtype][0]
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    """One header entry, every field checked: its type, then its value against the file."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise SafetensorsError(f"header entry for {name!r} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise SafetensorsError(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise SafetensorsError(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise SafetensorsError(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
+    if data_start + end > size:
+        raise SafetensorsError(f"tensor {name!r} ends at byte {data_start + end} but the file has {size} "
+                               "(truncated?)")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate the header: (tensors in file order, __metadata__, data start offset)."""
     size = os.path.getsize(path)
@@ -52,25 +78,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]
             raise SafetensorsError(f"header length {header_len} does not fit a {size}-byte file")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"header is not JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise SafetensorsError(f"header is not JSON ({type(e).__name__})") from e
     data_start = HEADER_LENGTH_BYTES + header_len
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError("header __metadata__ is not an object of strings")
     infos: list[TensorInfo] = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise SafetensorsError(f"header entry for {name!r} is malformed") from e
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"tensor {name!r} has unsupported dtype {dtype}")
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if end - begin != expected:
-            raise SafetensorsError(f"tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
-        if data_start + end > size:
-            raise SafetensorsError(f"tensor {name!r} ends at byte {data_start + end} but the file has {size} "
-                                   "(truncated?)")
-        infos.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+        infos.append(_entry(name, entry, data_start, size))
     infos.sort(key=lambda t: t.begin)
     for prev, cur in zip(infos, infos[1:]):
         if cur.begin < prev.end:

@@ -20,7 +20,7 @@ import torch
 
 from converters.safetensors_in import SafetensorsError, SafetensorsFile
 from exporter.errors import InputError
-from exporter.schemas import read_json_object
+from exporter.schemas import check_adapter_config, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -125,6 +125,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise InputError(str(config_path), "adapter_config.json is missing, so this is not a PEFT adapter folder.",
                          "point --adapter at the folder written by PEFT's save_pretrained.")
     config = read_json_object(config_path, "restore the adapter_config.json PEFT wrote.")
+    check_adapter_config(config_path, config)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(str(config_path), f"peft_type is {peft_type}; lora-export merges LoRA adapters only.",
@@ -206,8 +207,10 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
-    default_r, default_alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    use_rslora = bool(config.get("use_rslora", False))
+    # PEFT's LoraConfig defaults where a key is absent (or null): r=8, lora_alpha=8, use_rslora=False.
+    default_r = int(config["r"]) if config.get("r") is not None else 8
+    default_alpha = float(config["lora_alpha"]) if config.get("lora_alpha") is not None else 8.0
+    use_rslora = bool(config.get("use_rslora"))
     adapter = Adapter(folder, weights_file, config, {}, replacements, tensors)
 
     used_rank_keys: set[str] = set()

@@ -18,9 +18,9 @@ import torch
 
 from converters.safetensors_in import SafetensorsError, SafetensorsFile
 from converters.safetensors_out import FileSlice
-from converters.tensor_stream import tensor_rows
+from converters.tensor_stream import tensor_rows, workspace
 from exporter.errors import InputError
-from exporter.schemas import read_json_object
+from exporter.schemas import check_model_config, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -101,14 +101,18 @@ class BaseModel:
         """A stored tensor by its checkpoint key (a zero-copy view)."""
         return self._file_of[key].tensor(key)
 
-    def tensor(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """The float values: a zero-copy view of a stored tensor, or a dequantized one."""
+    def tensor(self, name: str, device: torch.device | None = None, reuse: bool = False) -> torch.Tensor:
+        """The float values: a zero-copy view of a stored tensor, or a dequantized one. ``reuse``: decode into this
+        thread's reused buffer (valid until its next ``reuse`` call: fresh memory for every weight costs a page fault
+        per 4 KB, about as much as the decoding)."""
         entry = self.tensors[name]
         if entry.quantized is None:
             return entry.file.tensor(name)
         from converters.bnb import dequantize
 
-        return dequantize(entry.quantized, self.stored, device).to(entry.torch_dtype)
+        out = workspace(entry.torch_dtype, entry.nbytes // entry.torch_dtype.itemsize, "dequantized") \
+            if reuse and entry.quantized.kind == "4bit" and (device is None or device.type == "cpu") else None
+        return dequantize(entry.quantized, self.stored, device, out=out).to(entry.torch_dtype)
 
     def raw(self, name: str) -> FileSlice | None:
         """Where the tensor's bytes are, when they are the tensor as it is (not for a quantized one)."""
@@ -122,7 +126,7 @@ class BaseModel:
         entry = self.tensors[name]
         if entry.quantized is None:
             return entry.file.rows(name, rows_per_block)
-        return tensor_rows(self.tensor(name))(rows_per_block)
+        return tensor_rows(self.tensor(name, reuse=True))(rows_per_block)
 
     def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
         """Drop the tensor's pages (or a byte range of a stored one) from this process's resident memory."""
@@ -160,6 +164,7 @@ def load_base(spec: str) -> BaseModel:
         raise InputError(str(config_path), "is missing, so this is not a Hugging Face model folder.",
                          "point --base at the folder written by save_pretrained.")
     config = read_json_object(config_path, "restore the config.json written by save_pretrained.")
+    check_model_config(config_path, config)
     quantization = _quantization(config_path, config)
 
     index_path = path / INDEX_NAME

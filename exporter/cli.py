@@ -6,6 +6,9 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -56,6 +59,26 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _fail(error: ExportError) -> None:
     click.echo(f"error: {error}", err=True)
     sys.exit(error.exit_code)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Every way a command can end badly, as one line and an exit code: an ExportError (2, or 3 for parity), Ctrl-C
+    (130), anything unexpected (1, "internal error"; the traceback only under -v)."""
+    try:
+        yield
+    except ExportError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run was stopped; nothing was written.", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: say so in one line
+        verbose = (click.get_current_context().find_root().params.get("verbose") or 0) > 0
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {e}. Please report it"
+                   + ("" if verbose else " (run with -v for the traceback)") + ".", err=True)
+        sys.exit(1)
 
 
 def _print_result(ctx) -> None:
@@ -124,7 +147,7 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./gguf --to gguf:q8_0,gguf:q4_k_m
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./all --to safetensors --to gguf:f16
     """
-    try:
+    with reported_errors():
         plan = ExportPlan(
             base=base, adapter=adapter, out=out.resolve(), formats=format_list(formats),
             dtype=dtype, device=device, parity=parity == "on", parity_memory=parity_memory, overwrite=overwrite,
@@ -136,8 +159,6 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
             progress=not no_progress, gguf_pre=gguf_pre,
         )
         ctx = run_pipeline(plan)
-    except ExportError as e:
-        _fail(e)
     _print_result(ctx)
 
 
@@ -156,10 +177,8 @@ def inspect(adapter: str, base: str | None, dtype: str | None, as_json: bool) ->
     """
     from exporter.inspect import describe, format_description
 
-    try:
+    with reported_errors():
         info = describe(adapter, base, dtype)
-    except ExportError as e:
-        _fail(e)
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
@@ -181,10 +200,8 @@ def demo(out: Path | None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         base, adapter = build_demo(root / "inputs")
         click.echo(f"demo inputs: base {base}, adapter {adapter}")
-        try:
+        with reported_errors():
             ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=root / "merged", overwrite=True))
-        except ExportError as e:
-            _fail(e)
         _print_result(ctx)
 
 

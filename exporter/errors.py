@@ -1,6 +1,7 @@
 """Typed errors. Each one names the file or tensor, says what is wrong, and says how to fix it.
 
-The CLI prints ``str(error)`` as one line and exits non-zero; library code raises and never exits.
+The CLI prints ``str(error)`` as one line and exits with ``exit_code``: 2 for bad input or a file-system error, 3 for a
+parity failure (1 is an internal error, 130 an interrupted run); library code raises and never exits.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class NonFiniteError(ExportError):
 
 class OutputError(ExportError):
     """The output location cannot be written as asked."""
+
+
+class FileSystemError(ExportError):
+    """The operating system refused a read or a write (a full disk, a permission): the path and the cause."""
 
 
 class StageCheckError(ExportError):

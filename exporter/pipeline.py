@@ -8,16 +8,18 @@ passed moves the staged outputs into place. Third-party stages register through 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from exporter.context import Context, ExportPlan
-from exporter.errors import ExportError, OutputError, ParityError
+from exporter.errors import ExportError, FileSystemError, OutputError, ParityError
 from exporter.registry import Registry
 from exporter.report import write_run_outputs
 from exporter.stages import BUILTIN_STAGES
@@ -85,37 +87,94 @@ def _commit(ctx: Context) -> None:
     ctx.staging = None
 
 
+class OutputLock:
+    """One run per --out at a time: an exclusive lock on .NAME.lock beside it, held for the whole run (the kernel
+    drops it when the process ends, however it ends); the holder's pid is written inside to name it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out.with_name(f".{out.name}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(str(self.out), f"is being written by another lora-export run (process {holder}).",
+                              "wait for it to finish, or choose another --out.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def _remove_stale_staging(ctx: Context) -> None:
+    """Staging folders of runs on this --out that did not finish (killed): with the lock held, no other run on it is
+    alive, so every one of them is stale."""
+    out = ctx.plan.out
+    for leftover in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.replaced-*")):
+        if leftover != ctx.staging and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+            ctx.note(f"removed {leftover.name}, left beside {out.name} by a run that did not finish "
+                     f"(process {leftover.name.rsplit('-', 1)[-1]})")
+
+
+_FIXES = {errno.ENOSPC: "free space on that disk, or write somewhere else (--out).",
+          errno.EDQUOT: "free space within your quota, or write somewhere else (--out).",
+          errno.EACCES: "check the permissions of that path.", errno.EPERM: "check the permissions of that path.",
+          errno.EROFS: "write to a writable disk (--out)."}
+
+
+def _os_error(error: OSError, ctx: Context) -> ExportError:
+    """An operating-system error while the run reads or writes files, as one line naming the path and the cause."""
+    path = error.filename or ctx.staging or ctx.plan.out
+    code = errno.errorcode.get(error.errno, str(error.errno)) if error.errno else type(error).__name__
+    return FileSystemError(str(path), f"{error.strerror or error} ({code}); nothing was written.",
+                           _FIXES.get(error.errno, "check that path and the disk it is on."))
+
+
 def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Context:
-    """Run the plan's stages in order. Raises ExportError (and kin) on bad input or a failed check."""
+    """Run the plan's stages in order. Raises ExportError (and kin) on bad input, a failed check, or a file-system
+    error; the output appears only when every stage has passed, and nothing is left behind otherwise."""
     _check_output_target(plan)
     registry = registry or default_registry()
     stages = [registry.create(name) for name in plan.stage_names()]
     ctx = Context(plan)
-    ctx.staging = plan.out.with_name(f".{plan.out.name}.partial-{os.getpid()}")
-    if ctx.staging.exists():
-        shutil.rmtree(ctx.staging)
-    ctx.staging.mkdir()
-    try:
-        for stage in stages:
-            log.info("stage %s …", stage.name)
-            start = time.perf_counter()
-            stage.run(ctx)
-            stage.check(ctx)
-            ctx.timings[stage.name] = time.perf_counter() - start
-            log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
-        failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity["passed"]]
-        if ctx.model_files is not None:
-            shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
-        write_run_outputs(ctx)
-        if failed and not plan.accept_parity_failure:
-            # Keep the figures for the user, outside the (discarded) output.
-            report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")
-            shutil.copyfile(ctx.staging / "report.json", report_path)
-            names = ", ".join(f"{a.format} ({a.parity['failures']})" for a in failed)
-            raise ParityError(str(plan.out), f"parity failed for {names}; nothing was written.",
-                              f"see {report_path}; pass --accept-parity-failure to keep the output anyway.")
-        _commit(ctx)
-    finally:
-        if ctx.staging is not None and ctx.staging.exists():
-            shutil.rmtree(ctx.staging, ignore_errors=True)
+    with OutputLock(plan.out):
+        ctx.staging = plan.out.with_name(f".{plan.out.name}.partial-{os.getpid()}")
+        _remove_stale_staging(ctx)
+        try:
+            ctx.staging.mkdir()
+            for stage in stages:
+                log.info("stage %s …", stage.name)
+                start = time.perf_counter()
+                stage.run(ctx)
+                stage.check(ctx)
+                ctx.timings[stage.name] = time.perf_counter() - start
+                log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
+            failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity["passed"]]
+            if ctx.model_files is not None:
+                shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
+            write_run_outputs(ctx)
+            if failed and not plan.accept_parity_failure:
+                # Keep the figures for the user, outside the (discarded) output.
+                report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")
+                shutil.copyfile(ctx.staging / "report.json", report_path)
+                names = ", ".join(f"{a.format} ({a.parity['failures']})" for a in failed)
+                raise ParityError(str(plan.out), f"parity failed for {names}; nothing was written.",
+                                  f"see {report_path}; pass --accept-parity-failure to keep the output anyway.")
+            _commit(ctx)
+        except OSError as e:
+            raise _os_error(e, ctx) from e
+        finally:
+            if ctx.staging is not None and ctx.staging.exists():
+                shutil.rmtree(ctx.staging, ignore_errors=True)
     return ctx

@@ -51,7 +51,8 @@ def _alpha_for(module: str, config: dict[str, Any]) -> float:
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
             return float(alpha)
-    return float(config.get("lora_alpha", _DEFAULT_ALPHA))
+    alpha = config.get("lora_alpha")
+    return float(alpha if alpha is not None else _DEFAULT_ALPHA)
 
 
 def _open_tensors(folder: Path, allow_pickle: bool) -> tuple[list[str], Any, Any]:

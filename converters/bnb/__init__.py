@@ -20,7 +20,7 @@ The format, as transformers' ``save_pretrained`` writes it after quantizing on l
 transformers would write (these need bitsandbytes, imported only when called).
 """
 
-from converters.bnb.dequantize import dequantize, dequantize_4bit, dequantize_int8
+from converters.bnb.dequantize import dequantize, dequantize_4bit, dequantize_int8, validate
 from converters.bnb.format import (BnbConfig, BnbFormatError, LogicalTensor, QuantState4bit, group_tensors,
                                    logical_shape_dtype, parse_quant_state, parse_quantization_config)
 from converters.bnb.quantize import (modules_not_quantized, quantization_config, quantize_4bit, quantize_int8,
@@ -29,5 +29,5 @@ from converters.bnb.quantize import (modules_not_quantized, quantization_config,
 __all__ = [
     "BnbConfig", "BnbFormatError", "LogicalTensor", "QuantState4bit", "dequantize", "dequantize_4bit",
     "dequantize_int8", "group_tensors", "logical_shape_dtype", "modules_not_quantized", "parse_quant_state",
-    "parse_quantization_config", "quantization_config", "quantize_4bit", "quantize_int8", "skip_patterns",
+    "parse_quantization_config", "quantization_config", "quantize_4bit", "quantize_int8", "skip_patterns", "validate",
 ]

@@ -51,19 +51,42 @@ def _check_float(tensor: torch.Tensor, key: str, numel: int, why: str) -> None:
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: QuantState4bit,
                     nested_absmax: torch.Tensor | None = None, nested_quant_map: torch.Tensor | None = None, *,
-                    name: str = "weight", device: torch.device | str | None = None) -> torch.Tensor:
+                    name: str = "weight", device: torch.device | str | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """A 4-bit weight as the tensors in the file hold it -> the float weight (state.dtype, state.shape).
 
     `packed` may be stored as any dtype (bnb_4bit_quant_storage): only its bytes count. `name` is the logical weight's
     key ("<module>.weight"), used in error messages.
     """
+    _validate_4bit(packed, absmax, quant_map, state, nested_absmax, nested_quant_map, name)
     device = torch.device(device) if device is not None else packed.device
     n, blocks = state.numel, state.n_blocks
     data = packed.detach().reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
     need = -(-n // 2)
+    if state.nested:
+        # bitsandbytes: dequantize_blockwise(absmax codes) in nested_dtype, `+= offset` (a float32 0-d tensor), then
+        # .float(); the same torch ops give the same roundings.
+        codes = absmax.detach().to(device).reshape(-1).int()
+        scales = nested_quant_map.detach().to(device).float().reshape(-1).index_select(0, codes)
+        scales = _scale_blocks(scales, nested_absmax.detach().to(device).float().reshape(-1), state.nested_blocksize)
+        scales = scales.to(state.nested_dtype)
+        scales += torch.tensor(state.nested_offset, dtype=torch.float32, device=device)
+        scales = scales.float()
+    else:
+        scales = absmax.detach().to(device).float().reshape(-1)
+    return _decode(_byte_pair_table(state.quant_type, device), data[:need].to(device), scales, state, out)
+
+
+def _validate_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: QuantState4bit,
+                   nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None, name: str) -> None:
+    """Every part of a 4-bit weight against its quant state: dtypes and sizes (read from the tensors' metadata only,
+    so the big parts may be meta tensors) and the code table's values."""
+    n, blocks = state.numel, state.n_blocks
+    stored = packed.numel() * packed.element_size()  # bytes, whatever the storage dtype
+    need = -(-n // 2)
     slack = packed.element_size() if packed.dtype != torch.uint8 else 1  # storage dtypes round the bytes up
-    if not need <= data.numel() < need + slack:
-        raise BnbFormatError(name, f"packed data holds {data.numel()} bytes ({packed.dtype} {tuple(packed.shape)}) "
+    if not need <= stored < need + slack:
+        raise BnbFormatError(name, f"packed data holds {stored} bytes ({packed.dtype} {tuple(packed.shape)}) "
                                    f"but the declared shape {list(state.shape)} needs {need} (two 4-bit codes a byte)")
     shape_why = f"shape {list(state.shape)} with blocksize {state.blocksize}"
     if not (quant_map.dtype.is_floating_point and quant_map.numel() == 16):
@@ -88,21 +111,37 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
         _check_float(nested_absmax, f"{name}.{NESTED_ABSMAX}", nested_blocks,
                      f"{blocks} absmax codes in blocks of {state.nested_blocksize}")
         _check_float(nested_quant_map, f"{name}.{NESTED_QUANT_MAP}", NESTED_MAP_SIZE, "an 8-bit code table")
-        # bitsandbytes: dequantize_blockwise(absmax codes) in nested_dtype, `+= offset` (a float32 0-d tensor), then
-        # .float(); the same torch ops give the same roundings.
-        codes = absmax.detach().to(device).reshape(-1).int()
-        scales = nested_quant_map.detach().to(device).float().reshape(-1).index_select(0, codes)
-        scales = _scale_blocks(scales, nested_absmax.detach().to(device).float().reshape(-1), state.nested_blocksize)
-        scales = scales.to(state.nested_dtype)
-        scales += torch.tensor(state.nested_offset, dtype=torch.float32, device=device)
-        scales = scales.float()
     else:
         _check_float(absmax, f"{name}.{ABSMAX}", blocks, f"one per block of {shape_why}")
-        scales = absmax.detach().to(device).float().reshape(-1)
 
-    pairs = _byte_pair_table(state.quant_type, device)
-    values = pairs.index_select(0, data[:need].to(device).int()).view(-1)[:n]
-    return _scale_blocks(values, scales, state.blocksize).to(state.dtype).view(state.shape)
+
+# Values decoded per step: a multiple of every blocksize in use and of 2 (a byte holds two), 1 MiB of float32, so the
+# step's lookups, scaling and cast run in cache and in reused buffers (whole-tensor passes faulted in three fresh
+# tensors of the weight's size: 155 M values/s single-threaded; in chunks several times that).
+_CHUNK_VALUES = 1 << 18
+
+
+def _decode(pairs: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, state: QuantState4bit,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight: each byte's two code values (high nibble first) times its block's scale, one float32
+    multiply, then one cast to state.dtype (bitsandbytes' order of operations, so the same roundings). ``out``: a
+    flat buffer of at least the weight's size and state.dtype to decode into (a caller's reused memory)."""
+    n, blocksize = state.numel, state.blocksize
+    out = torch.empty(n, dtype=state.dtype, device=data.device) if out is None else out[:n]
+    chunk = max(_CHUNK_VALUES // (2 * blocksize), 1) * 2 * blocksize
+    work = torch.empty(min(chunk, n + n % 2), dtype=torch.float32, device=data.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        decoded = work[: stop - start + (stop - start) % 2].view(-1, 2)
+        torch.index_select(pairs, 0, data[start // 2: (stop + 1) // 2].int(), out=decoded)
+        values = work[: stop - start]
+        block = scales[start // blocksize: -(-stop // blocksize)]
+        if (stop - start) % blocksize == 0:
+            values.view(-1, blocksize).mul_(block.view(-1, 1))
+        else:  # the weight's last, short block
+            values.copy_(_scale_blocks(values, block, blocksize))
+        out[start:stop].copy_(values)
+    return out.view(state.shape)
 
 
 def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None = None, *,
@@ -110,6 +149,13 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor, weight_format: torc
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """An LLM.int8() weight (int8 codes + SCB row absmax) -> float32 as bitsandbytes computes it, then cast once to
     `dtype` if given (transformers' model.dequantize(dtype) casts that float32 result to the model's dtype)."""
+    _validate_int8(weight, scb, weight_format, name)
+    device = torch.device(device) if device is not None else weight.device
+    out = weight.detach().to(device) * scb.detach().to(device).view(-1, 1) * INT8_INV_127
+    return out if dtype is None else out.to(dtype)
+
+
+def _validate_int8(weight: torch.Tensor, scb: torch.Tensor, weight_format: torch.Tensor | int | None, name: str) -> None:
     module = name.removesuffix("weight")
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise BnbFormatError(name, f"int8 weight must be a 2-D int8 tensor, got {weight.dtype} {tuple(weight.shape)}")
@@ -119,14 +165,26 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor, weight_format: torc
         if fmt != INT8_ROW:
             raise BnbFormatError(module + INT8_FORMAT, f"is {fmt} ({INT8_FORMATS.get(fmt, 'unknown')}); only "
                                                        f"{INT8_ROW} (row-major) is loadable")
-    device = torch.device(device) if device is not None else weight.device
-    out = weight.detach().to(device) * scb.detach().to(device).view(-1, 1) * INT8_INV_127
-    return out if dtype is None else out.to(dtype)
+
+
+def validate(entry: LogicalTensor, lookup: Callable[[str], torch.Tensor]) -> None:
+    """Raise BnbFormatError where dequantizing `entry` would: every check, none of the work. `lookup` may return
+    meta tensors for the weight-sized parts (only their dtype and shape are read)."""
+    keys = entry.keys
+    if entry.kind == "int8":
+        fmt = lookup(keys[INT8_FORMAT]) if INT8_FORMAT in keys else None
+        _validate_int8(lookup(keys["weight"]), lookup(keys[INT8_SCALE]), fmt, entry.name)
+    elif entry.kind == "4bit":
+        state = parse_quant_state(lookup(keys["quant_state"]), keys["quant_state"])
+        nested = [lookup(keys[k]) if k in keys else None for k in (NESTED_ABSMAX, NESTED_QUANT_MAP)]
+        _validate_4bit(lookup(keys["weight"]), lookup(keys[ABSMAX]), lookup(keys[QUANT_MAP]), state, *nested,
+                       entry.name)
 
 
 def dequantize(entry: LogicalTensor, lookup: Callable[[str], torch.Tensor],
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """The float tensor of one logical tensor from `group_tensors`; `lookup(key)` returns a checkpoint tensor."""
+               device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float tensor of one logical tensor from `group_tensors`; `lookup(key)` returns a checkpoint tensor. ``out``
+    (4-bit only): a flat buffer of the weight's dtype to decode into."""
     keys = entry.keys
     if entry.kind == "plain":
         tensor = lookup(keys["tensor"])
@@ -137,4 +195,4 @@ def dequantize(entry: LogicalTensor, lookup: Callable[[str], torch.Tensor],
     state = parse_quant_state(lookup(keys["quant_state"]), keys["quant_state"])
     nested = [lookup(keys[k]) if k in keys else None for k in (NESTED_ABSMAX, NESTED_QUANT_MAP)]
     return dequantize_4bit(lookup(keys["weight"]), lookup(keys[ABSMAX]), lookup(keys[QUANT_MAP]), state, *nested,
-                           name=entry.name, device=device)
+                           name=entry.name, device=device, out=out)

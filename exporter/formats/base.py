@@ -45,6 +45,10 @@ class Format:
     def preflight(self, ctx: Context, variant: str | None) -> None:
         """Refuse, before the merge, whatever this format cannot write: raise ExportError (and kin)."""
 
+    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+        """(bytes of the files it leaves, bytes it needs on top while writing them): for the disk pre-flight."""
+        raise NotImplementedError
+
     def open_sink(self, ctx: Context, variant: str | None) -> Sink:
         raise NotImplementedError
 

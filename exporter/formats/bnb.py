@@ -65,6 +65,20 @@ def transformers_quantized_modules(folder: Path) -> dict[str, bool]:
     return {name: conv1d for name, conv1d in linears.items() if name not in skipped}
 
 
+def estimated_bytes(ctx: Context, variant: str) -> int:
+    """An upper bound on the folder's weights: every 2-D weight counted as quantized (codes plus block scales), every
+    other tensor in the model's dtype."""
+    bits = VARIANTS[variant][0]
+    total = 0
+    for t in ctx.layout.tensors:
+        numel = t.spec().nbytes // t.dtype.itemsize
+        if len(t.shape) == 2 and t.name.endswith(".weight"):
+            total += numel * bits // 8 + (numel // 64 + 1) * 4 + t.shape[0] * 4 + 4096
+        else:
+            total += numel * ctx.out_dtype.itemsize
+    return total
+
+
 class _Spill:
     """Parts whose sizes are known only once computed, appended to one file from any thread."""
 

@@ -135,6 +135,19 @@ class GGUFFormat(Format):
             raise InputError(str(ctx.tokenizer_dir), f"{e}.", "use the tokenizer the model was trained with.") from e
         ctx.format_state[f"gguf:{variant}"] = plan
 
+    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+        """The planned file (K-quants: the F32 file llama.cpp quantizes from, which also sits there meanwhile, and
+        the quantized file estimated at its type's bits per value) plus the vocabulary."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+        plan = ctx.format_state[f"gguf:{variant}"]
+        written = sum(t.nbytes for t in plan.order) + 32 * len(plan.order) + 64 * plan.embed_rows
+        if plan.gguf_type is plan.written_type:
+            return written, 0
+        block, size = GGML_QUANT_SIZES[QT[{"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[variant]]]
+        values = sum(t.nbytes // 4 for t in plan.order)
+        return values * size // block + 64 * plan.embed_rows, written
+
     def open_sink(self, ctx: Context, variant: str | None) -> GGUFSink:
         return GGUFSink(ctx, variant)
 

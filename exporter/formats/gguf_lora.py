@@ -24,6 +24,13 @@ from exporter.tolerances import Tolerance
 FILE_NAME = "adapter.gguf"
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class GGUFLoraSink:
     consumes_stream = False
 
@@ -75,6 +82,13 @@ class GGUFLoraFormat(Format):
                     raise ArchError(f"'{module.weight_name}' cannot carry a LoRA in llama.cpp's {spec.name} graph")
         except ArchError as e:
             raise InputError(str(ctx.base.path / "config.json"), f"{e}.", "export the merged model instead.") from e
+
+    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+        """The adapter in f32; with parity on, the base as an F32 GGUF beside it while llama.cpp runs them."""
+        adapter = ctx.adapter
+        size = sum(4 * _numel(adapter.shape(k)) for m in adapter.modules.values() for k in (m.a_key, m.b_key))
+        base_f32 = sum(4 * _numel(t.shape) for t in ctx.base.tensors.values()) if ctx.plan.parity else 0
+        return size + 4096, base_f32
 
     def open_sink(self, ctx: Context, variant: str | None) -> GGUFLoraSink:
         return GGUFLoraSink(ctx)

@@ -138,6 +138,14 @@ class SafetensorsFormat(Format):
                                  " is not one transformers builds, so which of its modules transformers would quantize "
                                  "is unknown.", "export --to safetensors (float) instead.")
 
+    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+        if variant is None:
+            return sum(t.spec().nbytes for t in ctx.layout.tensors), 0
+        from exporter.formats.bnb import estimated_bytes
+
+        size = estimated_bytes(ctx, variant)
+        return size, size  # the parts are spilled, then assembled into the shards
+
     def open_sink(self, ctx: Context, variant: str | None) -> Any:
         if variant is None:
             return SafetensorsSink(ctx, ctx.staging)

@@ -30,7 +30,7 @@ class DequantizeStage:
         base = ctx.base
         if base.quantization is None:
             return
-        from converters.bnb import BnbFormatError, dequantize
+        from converters.bnb import BnbFormatError, validate
 
         self._refuse_conv1d(ctx)
         kinds: Counter = Counter()
@@ -46,7 +46,7 @@ class DequantizeStage:
                 return torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
 
             try:
-                dequantize(entry, header_only, device="meta")
+                validate(entry, header_only)
             except BnbFormatError as e:
                 raise InputError(str(base._file_of[entry.keys["weight"]].path), str(e),
                                  "restore the quantized checkpoint transformers saved, or merge into the "
@@ -69,6 +69,10 @@ class DequantizeStage:
     def _refuse_conv1d(ctx: Context) -> None:
         """bitsandbytes stores a Conv1D weight (GPT-2) transposed to (out, in), unlike its float checkpoint (in, out);
         presenting it in the float layout is not built, so such a base is refused rather than merged wrongly."""
+        from exporter.layout import LINEAR_ARCHITECTURES
+
+        if ctx.base.config.get("model_type") in LINEAR_ARCHITECTURES:
+            return  # all nn.Linear (checked against transformers by tests/test_layout.py): no need to build it
         from transformers import CONFIG_MAPPING
 
         if ctx.base.config.get("model_type") not in CONFIG_MAPPING:

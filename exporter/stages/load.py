@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import torch
 from exporter.adapter import load_adapter
 from exporter.base import load_base, resolve_local_or_cached
 from exporter.context import Context
-from exporter.errors import ExportError, InputError, MismatchError, StageCheckError
+from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import parse_formats
 from exporter.layout import build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
-from exporter.schemas import tokenizer_json_ids
+from exporter.schemas import check_tokenizer_config, tokenizer_json_ids
 
 log = logging.getLogger("lora_export")
 
@@ -102,6 +103,7 @@ class LoadStage:
         # Everything each format needs is checked now, before the merge: a refusal costs seconds, not the merge.
         for request in ctx.formats:
             request.format.preflight(ctx, request.variant)
+        self._check_disk_space(ctx)
         ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
@@ -112,6 +114,8 @@ class LoadStage:
     def _check_tokenizer(ctx: Context) -> None:
         """A tokenizer that can emit ids past the embedding is the classic lost-resize bug (peft #2415)."""
         source = tokenizer_source(ctx.adapter.path, ctx.base.path)
+        if source is not None and (source / "tokenizer_config.json").is_file():
+            check_tokenizer_config(source / "tokenizer_config.json")
         n_tokens = None
         if source is not None and (source / "tokenizer.json").is_file():
             # Parsed once here; GGUF's vocabulary reads it too during pre-flight (a 33 MB file costs 0.7 s a parse).
@@ -126,6 +130,19 @@ class LoadStage:
         if source is None:
             ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
         ctx.report["tokenizer_from"] = str(source) if source else None
+
+    @staticmethod
+    def _check_disk_space(ctx: Context) -> None:
+        """Every artifact's size is known from the plan: refuse now, with the figures, what would not fit, rather
+        than fail on a full disk an hour into a merge (staging sits beside --out, on the same disk)."""
+        sizes = [request.format.output_bytes(ctx, request.variant) for request in ctx.formats]
+        need = sum(final for final, _ in sizes) + max((transient for _, transient in sizes), default=0) + 2**20
+        free = shutil.disk_usage(ctx.staging).free
+        ctx.report["disk"] = {"needed_bytes": need, "free_bytes": free}
+        if need > free:
+            raise FileSystemError(str(ctx.plan.out.parent), f"the output needs {need / 1e9:.2f} GB and the disk has "
+                                  f"{free / 1e9:.2f} GB free ({', '.join(map(str, ctx.formats))}).",
+                                  "free space on that disk, or write somewhere else (--out).")
 
     @staticmethod
     def _original_base(ctx: Context) -> None:

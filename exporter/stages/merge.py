@@ -33,7 +33,7 @@ def _adapter_slice(ctx: Context, key: str) -> FileSlice | None:
 
 def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
     base, adapter, module = ctx.merge_base or ctx.base, ctx.adapter, t.module
-    weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor(t.base_name, ctx.device)
+    weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor(t.base_name, ctx.device, reuse=True)
     merge = LoraMerge(
         weight, adapter.tensor(module.a_key), adapter.tensor(module.b_key), module.scale, name=t.name,
         fan_in_fan_out=t.layout == "conv1d", embedding=t.layout == "embedding",
