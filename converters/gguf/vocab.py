@@ -216,8 +216,13 @@ def load_vocab(folder: Path, pre_override: str | None = None, tokenizer_json: di
     """Read the tokenizer in ``folder`` (tokenizer.model preferred, else tokenizer.json, or ``tokenizer_json``: that
     file already parsed by the caller)."""
     encoder = LazyHFEncoder(folder)
-    vocab = _load_vocab(folder, pre_override, encoder, tokenizer_json)
-    _hf_special_token_behaviour(encoder, vocab.special)
+    try:
+        vocab = _load_vocab(folder, pre_override, encoder, tokenizer_json)
+        _hf_special_token_behaviour(encoder, vocab.special)
+    except VocabError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # gguf-py or tokenizers on bad files
+        raise VocabError(f"the tokenizer files cannot be read as a tokenizer ({type(e).__name__}: {e})") from e
     return vocab
 
 
