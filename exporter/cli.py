@@ -101,9 +101,10 @@ def main(verbose: int, quiet: bool) -> None:
 @once("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
 @once("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
 @click.option("--to", "formats", multiple=True,
-              help="Export format; repeat it or give a comma list (default safetensors): safetensors, gguf[:TYPE] "
-                   "(f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora "
-                   "(the adapter for llama.cpp --lora).")
+              help="Export format; repeat it or give a comma list (default safetensors): safetensors (in "
+                   "--dtype), safetensors:nf4|nf4-dq|fp4|fp4-dq|int8 (bitsandbytes), gguf[:TYPE] (f32 f16 bf16 q8_0 "
+                   "q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora (the adapter for "
+                   "llama.cpp --lora), onnx[:fp32|fp16][-nocache] (KV cache unless -nocache).")
 @once("--gguf-pre", default=None,
       help="GGUF: the BPE pre-tokenizer name (llama-bpe, qwen2, gpt-2, …) when it cannot be identified.")
 @once("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -146,6 +147,7 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./merged --dtype bfloat16
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./gguf --to gguf:q8_0,gguf:q4_k_m
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./all --to safetensors --to gguf:f16
+    lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./onnx --to onnx:fp16
     """
     with reported_errors():
         plan = ExportPlan(
@@ -188,12 +190,15 @@ def inspect(adapter: str, base: str | None, dtype: str | None, as_json: bool) ->
 def demo(out: Path | None) -> None:
     """Build a tiny model and adapter, run the whole pipeline, print the parity table. No downloads.
 
+    The bf16 base and its adapter are merged once and exported as safetensors, ONNX (fp32, KV cache) and, when
+    llama.cpp's Python binding is installed (lora-export[llama]), GGUF F16; each is checked in its own runtime.
+
     \b
     Example:
       lora-export demo
       lora-export demo --out ./demo   # keep the base, adapter and merged model
     """
-    from exporter.demo import build_demo
+    from exporter.demo import build_demo, demo_formats
 
     with tempfile.TemporaryDirectory(prefix="lora-export-demo-") as tmp:
         root = (out or Path(tmp)).resolve()
@@ -201,7 +206,8 @@ def demo(out: Path | None) -> None:
         base, adapter = build_demo(root / "inputs")
         click.echo(f"demo inputs: base {base}, adapter {adapter}")
         with reported_errors():
-            ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=root / "merged", overwrite=True))
+            ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=root / "merged", overwrite=True,
+                                          formats=demo_formats()))
         _print_result(ctx)
 
 

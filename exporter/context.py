@@ -4,7 +4,6 @@ module, never the pipeline that runs them."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +117,7 @@ class Context:
     tokenizer_dir: Path | None = None  # the folder whose tokenizer the output carries (adapter's, else base's)
     tokenizer_json: dict[str, Any] | None = None  # its tokenizer.json, parsed once; dropped after pre-flight
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
-    tensor_stream: Iterator[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
+    tensor_stream: list[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
     format_state: dict[str, Any] = field(default_factory=dict)  # what a format's pre-flight prepared for its writer
     parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
     config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)

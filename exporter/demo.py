@@ -5,10 +5,13 @@ way PEFT writes one (no PEFT needed at run time). Used by ``lora-export demo``, 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+log = logging.getLogger("lora_export")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -118,3 +121,13 @@ def build_demo(root: Path) -> tuple[Path, Path]:
     base = build_base(root / "base")
     adapter = build_adapter(root / "adapter", base, rank_pattern={"down_proj": 4})
     return base, adapter
+
+
+def demo_formats() -> tuple[str, ...]:
+    """Every format whose runtime is installed: GGUF parity needs llama.cpp (the optional extra `llama`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        log.warning("demo: no GGUF (llama.cpp's Python binding is not installed: pip install 'lora-export[llama]')")
+        return ("safetensors", "onnx")
+    return ("safetensors", "gguf:f16", "onnx")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -60,8 +61,34 @@ class PeakRss:
         self._thread.join()
 
 
+_LLAMA_LOG_CALLBACK: Any = None
+
+
+def route_llama_cpp_logs() -> None:
+    """llama.cpp's log lines go to our logger (debug; errors as warnings) instead of stderr: llama-cpp-python's own
+    callback maps the current ggml levels (1 debug, 2 info, 3 warn, 4 error) one step too high and prints its
+    warnings, e.g. "n_ctx_seq (512) > n_ctx_train", in the middle of a run's output even with verbose=False."""
+    global _LLAMA_LOG_CALLBACK
+    if _LLAMA_LOG_CALLBACK is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    llama_log = logging.getLogger("lora_export.llama_cpp")
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        llama_log.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", text.decode("utf-8", "replace").rstrip())
+
+    _LLAMA_LOG_CALLBACK = forward  # kept alive: llama.cpp holds a raw pointer to it
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+
+
 def llama(model_path: Path, n_ctx: int, lora_path: Path | None = None) -> Any:
     from llama_cpp import Llama
+
+    route_llama_cpp_logs()
 
     # f32 KV cache and no flash attention: llama.cpp's defaults (f16 cache) add ~5e-3 of logit error on their own.
     return Llama(model_path=str(model_path), n_ctx=n_ctx, logits_all=True, flash_attn=False, type_k=0, type_v=0,

@@ -162,3 +162,46 @@ def test_a_disk_too_small_is_refused_before_the_merge(slow_inputs, tmp_path, mon
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_disk_that_fills_up_mid_onnx_export_is_one_line(slow_inputs, tmp_path, monkeypatch):
+    """A real full disk under the ONNX data file (its own writer, not the positional one above): a 24 MB tmpfs when the tests run as root (the
+    pre-flight is told there is room, so the kernel's ENOSPC comes mid-write); otherwise the writer's file write
+    raises ENOSPC after a few tensors."""
+    import errno
+
+    target = "onnx:fp16"
+
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    base, adapter = slow_inputs
+    disk = tmp_path / "disk"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2**40))
+    mounted = _small_tmpfs(disk, "24m")
+    if not mounted:
+        disk.mkdir()
+        from converters.onnx import weights
+
+        original, calls = weights.DataFile.append, [0]
+
+        def append(self, name, array):
+            calls[0] += 1
+            if calls[0] > 5:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return original(self, name, array)
+
+        monkeypatch.setattr(weights.DataFile, "append", append)
+    try:
+        result = CliRunner().invoke(main, ["-q", "run", "--base", str(base), "--adapter", str(adapter), "--out",
+                                           str(disk / "out"), "--no-progress", "--parity", "off", "--to", target])
+        assert result.exit_code == 2, result.output
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and "No space left on device (ENOSPC)" in lines[0], result.output
+        assert "nothing was written" in lines[0] and "Fix: free space on that disk" in lines[0]
+        assert list(disk.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)

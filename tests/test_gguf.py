@@ -402,7 +402,7 @@ def test_trained_adapter_on_a_bf16_base_in_every_gguf_form(bf16_trained, tmp_pat
     parity = {f"{a.format}:{a.variant}": a.parity for a in ctx.artifacts}
     for name, figures in parity.items():
         assert figures["passed"], (name, figures)
-        assert figures["tokenizer"] is None or figures["tokenizer"]["mismatched"] == [], name
+        assert figures.get("tokenizer") is None or figures["tokenizer"]["mismatched"] == [], name
     # Measured: f32 KL 1e-12 (llama.cpp's summation order), f16 6e-6, q8_0 2e-3, the GGUF LoRA 1e-12.
     assert parity["gguf:f32"]["max_abs"] <= 1e-4 and parity["gguf-lora:f32"]["max_abs"] <= 1e-4
     assert parity["gguf:f16"]["kl"] <= 5e-5 and parity["gguf:q8_0"]["kl"] <= 1e-2

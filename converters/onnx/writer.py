@@ -7,6 +7,7 @@ aligned to 4 KiB). Peak memory is the placeholder trace (no resident weights) an
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Prepared:
+    """One tensor ready to append: its initializers (name, contiguous array) in graph order."""
+
+    hf_name: str
+    graph_name: str
+    values: list[tuple[str, np.ndarray]]
 
 
 class OnnxWriter:
@@ -67,25 +77,38 @@ class OnnxWriter:
         return {name: dict(fold.describe) for name, fold in self._folds.items()}
 
     def write(self, hf_name: str, tensor: torch.Tensor) -> None:
-        if self._data is None:
-            raise OnnxExportError(f"write({hf_name!r}) after close() or abort()")
+        """prepare() then commit(): one tensor, checked, transformed and appended to the data file."""
+        prepared = self.prepare(hf_name, tensor)
+        if prepared is not None:
+            self.commit(prepared)
+
+    def prepare(self, hf_name: str, tensor: torch.Tensor) -> Prepared | None:
+        """The checks and the weight-only transforms (transposes, Gemma's 1 + w) of one tensor, without touching the
+        data file: safe to call from several threads at once, so the work runs in parallel while commit() (which
+        appends, in an order the caller chooses) stays serial. None: the graph does not use this tensor."""
         name = self._traced.aliases.get(hf_name, hf_name)
         fold = self._folds.get(name)
         if fold is None:
             logger.debug("ONNX graph does not use %s; skipped", hf_name)
-            return
-        if self._written.get(name) == hf_name:
-            raise OnnxExportError(f"tensor {hf_name} written twice")
+            return None
         shape, dtype = self._traced.params[name]
         if tuple(tensor.shape) != shape:
             raise OnnxExportError(f"tensor {hf_name} is shaped {tuple(tensor.shape)}, the graph (built from "
                                   f"config.json) wants {shape}")
         if not tensor.is_floating_point():
             raise OnnxExportError(f"tensor {hf_name} is {tensor.dtype}; the ONNX writer takes float tensors")
-        array = tensor.detach().to("cpu", dtype).contiguous().numpy()
-        if not np.isfinite(array).all():
+        weight = tensor.detach().to("cpu", dtype)
+        if not bool(torch.isfinite(weight).all()):
             raise OnnxExportError(f"tensor {hf_name} has non-finite values as {self.dtype} (beyond fp16's ±65504?)")
-        values = fold.apply(array, self._traced.model)
+        return Prepared(hf_name, name, fold.apply(weight, self._traced.model))
+
+    def commit(self, prepared: Prepared) -> None:
+        """Append what prepare() computed (not thread-safe: one caller at a time, in the order the file should have)."""
+        if self._data is None:
+            raise OnnxExportError(f"write({prepared.hf_name!r}) after close() or abort()")
+        name, hf_name, values = prepared.graph_name, prepared.hf_name, prepared.values
+        if self._written.get(name) == hf_name:
+            raise OnnxExportError(f"tensor {hf_name} written twice")
         if name in self._written:  # the second of a tied pair (lm_head.weight and embed_tokens.weight both came)
             self._check_tied(hf_name, self._written[name], values[0][1])
             return
@@ -135,7 +158,7 @@ class OnnxWriter:
     def abort(self) -> None:
         """Close and remove what this writer created."""
         if self._data is not None:
-            self._data.close()
+            self._data.close(discard=True)
             self._data = None
         for name in (MODEL_FILE, DATA_FILE):
             (self.folder / name).unlink(missing_ok=True)

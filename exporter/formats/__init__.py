@@ -7,13 +7,13 @@ from collections.abc import Iterable
 
 from exporter.context import FormatRequest
 from exporter.errors import ExportError
-from exporter.formats import gguf, gguf_lora, safetensors
+from exporter.formats import gguf, gguf_lora, onnx, safetensors
 from exporter.formats.base import Format, Sink
 from exporter.registry import Registry
 from exporter.tolerances import Tolerance
 
 FORMATS: Registry[Format] = Registry("format")
-for _module in (safetensors, gguf, gguf_lora):
+for _module in (safetensors, gguf, gguf_lora, onnx):
     FORMATS.register(_module.FORMAT.name, _module.FORMAT)
 
 

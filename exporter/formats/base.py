@@ -34,6 +34,7 @@ class Format:
 
     name: str = ""
     runtime: str = ""  # where parity runs the artifact
+    checks_key: str = "checks"  # where parity_checks' figures go in the artifact's parity report
     default_variant: str | None = None
     tolerances: dict[str, Tolerance] = {}  # by the artifact's variant
     arch_tolerances: dict[tuple[str, str], Tolerance] = {}  # by (variant, HF architecture): exceptions
@@ -59,6 +60,9 @@ class Format:
     def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
         """Extra figures for the report and failures beyond the logits (e.g. a tokenizer check)."""
         return None, []
+
+    def after_parity(self, artifact: Artifact, ctx: Context) -> None:
+        """Anything the format records once its figures are known (ONNX: into the graph's metadata)."""
 
     def tolerance(self, variant: str, architecture: str | None) -> Tolerance:
         if (variant, architecture) in self.arch_tolerances:

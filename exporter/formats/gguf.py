@@ -15,7 +15,7 @@ from exporter.errors import ExportError, InputError
 from exporter.formats.base import Format
 from exporter.model_files import provenance, special_tokens
 from exporter.probes import probe_texts
-from exporter.runners import llama_cpp_logits
+from exporter.runners import llama_cpp_logits, route_llama_cpp_logs
 from exporter.tolerances import Tolerance
 
 DEFAULT_TYPE = "f16"
@@ -90,6 +90,7 @@ class GGUFSink:
 class GGUFFormat(Format):
     name = "gguf"
     runtime = "llama.cpp"
+    checks_key = "tokenizer"
     default_variant = DEFAULT_TYPE
     tolerances = {
         "f32": Tolerance(
@@ -161,6 +162,7 @@ class GGUFFormat(Format):
         from llama_cpp import Llama
 
         texts = probe_texts(tokenizer)
+        route_llama_cpp_logs()
         llm = Llama(model_path=str(artifact.staged), vocab_only=True, verbose=False)
         try:
             mismatched = [text[:40] for text in texts

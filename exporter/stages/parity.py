@@ -189,12 +189,13 @@ class ParityStage:
                 **dataclasses.asdict(figures),
                 "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
                                "broken_kl": tol.broken_kl},
-                "threshold_reason": tol.reason, "random_probes": random_part, "tokenizer": extra,
+                "threshold_reason": tol.reason, "random_probes": random_part, fmt.checks_key: extra,
                 "adapter_effect_kept": kept, "adapter_kl": adapter_kl,
                 "vs_training_reference": None if training_logits is None else dataclasses.asdict(
                     compare_logits(training_logits[judged_rows], out_logits[judged_rows])),
                 "passed": not failures, "failures": "; ".join(failures),
             }
+            fmt.after_parity(artifact, ctx)
         rows = [a.parity for a in ctx.artifacts if a.parity]
         ctx.report["parity_table"] = format_table(rows)
         log.debug("parity:\n%s", ctx.report["parity_table"])
