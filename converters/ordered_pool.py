@@ -43,11 +43,17 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="lora-export") as pool:
         in_flight: deque = deque()
-        for item in items:
-            in_flight.append((item, pool.submit(fn, item)))
-            if len(in_flight) >= 2 * workers:
+        try:
+            for item in items:
+                in_flight.append((item, pool.submit(fn, item)))
+                if len(in_flight) >= 2 * workers:
+                    done, future = in_flight.popleft()
+                    yield done, future.result()
+            while in_flight:
                 done, future = in_flight.popleft()
                 yield done, future.result()
-        while in_flight:
-            done, future = in_flight.popleft()
-            yield done, future.result()
+        except BaseException:
+            # An error or Ctrl-C: items not yet started are dropped, so the run ends after the ones already running
+            # rather than after every queued item (each a whole tensor merged and encoded).
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -114,17 +114,21 @@ class ShardedWriter:
         self._files = []
         self._place: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset of its data, its size)
         self._file_sizes: list[int] = []
-        for shard, file_name in zip(self.shards, self.file_names):
-            handle = open(self.folder / file_name, "wb")
-            header = _header(shard, self.metadata)
-            handle.write(header)
-            handle.flush()
-            self._files.append(handle)
-            offset = len(header)
-            for spec in shard:
-                self._place[spec.name] = (handle.fileno(), offset, spec.nbytes)
-                offset += spec.nbytes
-            self._file_sizes.append(offset)
+        try:
+            for shard, file_name in zip(self.shards, self.file_names):
+                handle = open(self.folder / file_name, "wb")  # noqa: SIM115 - closed in close() or abort()
+                self._files.append(handle)
+                header = _header(shard, self.metadata)
+                handle.write(header)
+                handle.flush()
+                offset = len(header)
+                for spec in shard:
+                    self._place[spec.name] = (handle.fileno(), offset, spec.nbytes)
+                    offset += spec.nbytes
+                self._file_sizes.append(offset)
+        except BaseException:
+            self.abort()
+            raise
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
         self.bytes_written = 0
@@ -166,6 +170,7 @@ class ShardedWriter:
         """Check that every planned tensor is complete, finish the files and write the index (when sharded)."""
         for handle in self._files:
             handle.close()
+        self._files = []
         incomplete = [name for name, (_, _, nbytes) in self._place.items() if self._written.get(name, 0) != nbytes]
         if incomplete:
             raise ValueError(f"{len(incomplete)} planned tensors were never written completely, first {incomplete[0]!r}")
@@ -181,3 +186,12 @@ class ShardedWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             files.append(self.folder / INDEX_NAME)
         return files
+
+    def abort(self) -> None:
+        """Close the files without checks (a failed run: its folder is removed by whoever made it)."""
+        for handle in self._files:
+            try:
+                handle.close()
+            except OSError:  # a full disk fails the flush; the descriptor is released all the same
+                pass
+        self._files = []

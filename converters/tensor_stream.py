@@ -52,8 +52,9 @@ class StreamTensor:
         return math.prod(self.shape)
 
     def rows(self, row_unit: int = 1, block_values: int = BLOCK_VALUES) -> Rows:
-        """Blocks of about ``block_values`` values, each a whole multiple of ``row_unit`` rows."""
-        per_row = math.prod(self.shape[1:]) if len(self.shape) > 1 else max(1, self.numel)
+        """Blocks of about ``block_values`` values, each a whole multiple of ``row_unit`` rows (a 1-D tensor's rows
+        are its values)."""
+        per_row = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
         rows = max(1, block_values // max(1, per_row * row_unit)) * row_unit
         return self.produce(rows)
 

@@ -11,6 +11,7 @@ replacements).
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,14 @@ def _open_weights(folder: Path, allow_pickle: bool) -> tuple[Path, Any]:
             # weights_only refuses anything but tensors and plain containers even when the user allowed pickles.
             tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several unrelated types for a bad pickle
-            raise InputError(str(bin_path), f"cannot be loaded ({e}).", "re-save the adapter.") from e
+            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+                found = next((line.strip().split(". Please")[0].removeprefix("WeightsUnpickler error: ")
+                              for line in str(e).splitlines() if "Unsupported global" in line), "")
+                raise InputError(str(bin_path), "holds objects other than tensors, which lora-export never unpickles "
+                                 f"(torch's weights_only loader refused it{': ' + found if found else ''}).",
+                                 "re-save the adapter's tensors as safetensors.") from e
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(str(bin_path), f"cannot be loaded ({first_line}).", "re-save the adapter.") from e
         return bin_path, tensors
     raise InputError(str(folder), f"holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}.",
                      "point --adapter at the folder written by PEFT's save_pretrained.")
@@ -169,8 +177,9 @@ def _classify_keys(keys: list[str], where: str) -> tuple[dict[str, dict[str, str
     unknown: list[str] = []
     for key in keys:
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        # PEFT 0.21 saves modules_to_save as "<module>.modules_to_save.weight"; older versions as "<module>.weight".
-        # After a vocab resize it *also* saves the resized, untrained layer as "<module>.weight": the trained copy wins.
+        # PEFT 0.21 saves a modules_to_save layer under its plain name, "<module>.weight"; an adapter may instead carry
+        # the trained copy as "<module>.modules_to_save.weight" beside the resized, untrained "<module>.weight"
+        # (after a vocab resize): the trained copy wins, whatever the order.
         trained_copy = ".modules_to_save." in name
         name = name.replace(".modules_to_save.", ".")
         if ".original_module." in name:

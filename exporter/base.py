@@ -8,6 +8,7 @@ codes when asked (converters/bnb), so every stage downstream sees one kind of ba
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,10 +67,7 @@ class BaseTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.torch_dtype.itemsize
+        return math.prod(self.shape) * self.torch_dtype.itemsize
 
 
 @dataclass
@@ -188,7 +186,7 @@ def load_base(spec: str) -> BaseModel:
             raise InputError(str(path), "holds no *.safetensors weights" + (f" (only {bins[0]}, a pickle)" if bins else "")
                              + ".", "re-save the base with save_pretrained(safe_serialization=True).")
         raise InputError(str(path), f"has shards ({shards[0]}, …) but no {INDEX_NAME}.",
-                         "restore the index file that came with the shards (unsloth #2355).")
+                         "restore the index file that came with the shards.")
 
     files: list[SafetensorsFile] = []
     file_of: dict[str, SafetensorsFile] = {}

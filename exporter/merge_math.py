@@ -35,17 +35,17 @@ def _finite_or_raise(t: torch.Tensor, name: str, what: str) -> None:
         )
 
 
-def cast_rows(dst: torch.Tensor, rows: torch.Tensor, name: str, check_finite: bool = True) -> None:
+def cast_rows(dst: torch.Tensor, rows: torch.Tensor, name: str, check_finite: bool = True,
+              fix: str = "merge to float32 or bfloat16 instead (--dtype).") -> None:
     """dst[...] = rows, cast once to dst's dtype. With ``check_finite``, a value beyond what dst's dtype holds (it
-    would become Inf in the file) is a NonFiniteError naming the tensor."""
+    would become Inf in the file) is a NonFiniteError naming the tensor, with ``fix``."""
     if check_finite and rows.is_floating_point() and torch.finfo(dst.dtype).max < torch.finfo(rows.dtype).max:
         # aminmax propagates NaN and every comparison with NaN is False. (vector_norm(ord=inf) is ~25x slower.)
         low, high = torch.aminmax(rows)
         largest = torch.finfo(dst.dtype).max
         if not (float(low) >= -largest and float(high) <= largest):
             _finite_or_raise(rows, name, "the merged tensor")
-            raise NonFiniteError(name, f"the merged tensor has values beyond what {dst.dtype} holds.",
-                                 "merge to float32 or bfloat16 instead (--dtype).")
+            raise NonFiniteError(name, f"the merged tensor has values beyond what {dst.dtype} holds.", fix)
     dst.copy_(rows)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from exporter.context import Context
 
 # Files that make up a tokenizer. They are taken as one set from a single folder, never mixed: the adapter's set wins
-# because training that adds tokens saves the extended tokenizer beside the adapter (peft #2415).
+# because training that adds tokens saves the extended tokenizer beside the adapter.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

@@ -1,6 +1,6 @@
 """The pipeline: a Stage protocol, the stage registry, and the runner.
 
-Stages run in order (load → merge → export → parity by default). Each stage has a ``run`` over the shared context
+Stages run in order (load → dequantize → merge → export → parity by default). Each stage has a ``run`` over the shared context
 and a ``check`` of its own output; the runner times them, stops at the first failure, and only when every stage has
 passed moves the staged outputs into place. Third-party stages register through the entry-point group
 ``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
@@ -69,8 +69,6 @@ def _check_output_target(plan: ExportPlan) -> None:
         raise OutputError(str(out), "exists and is a file.", "choose another --out.")
     if out.is_dir() and any(out.iterdir()) and not plan.overwrite:
         raise OutputError(str(out), "exists and is not empty.", "choose another --out or pass --overwrite.")
-    if not out.parent.exists():
-        raise OutputError(str(out), f"its parent folder {out.parent} does not exist.", "create it first.")
 
 
 def _commit(ctx: Context) -> None:
@@ -81,7 +79,12 @@ def _commit(ctx: Context) -> None:
     if target.exists():
         previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
         target.rename(previous)
-    ctx.staging.rename(target)
+    try:
+        ctx.staging.rename(target)
+    except BaseException:
+        if previous is not None:  # the old output back where it was: "nothing was written" must stay true
+            previous.rename(target)
+        raise
     if previous is not None:
         shutil.rmtree(previous)
     ctx.staging = None
@@ -98,14 +101,25 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(str(self.out), f"is being written by another lora-export run (process {holder}).",
+                                  "wait for it to finish, or choose another --out.") from None
+            # The holder before us removes the file as it exits: a lock taken on that removed file protects nothing
+            # (a third run would create and lock a new one), so lock again until the file we hold is the one at
+            # the path.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise OutputError(str(self.out), f"is being written by another lora-export run (process {holder}).",
-                              "wait for it to finish, or choose another --out.") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -114,6 +128,16 @@ class OutputLock:
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
+
+
+def _restore_replaced_output(ctx: Context) -> None:
+    """A run killed between moving the previous output aside (--overwrite) and moving its own in leaves no --out and
+    a .NAME.replaced-PID: put the previous output back, so this run finds what the user had."""
+    out = ctx.plan.out
+    replaced = sorted(out.parent.glob(f".{out.name}.replaced-*"))
+    if replaced and not out.exists():
+        replaced[-1].rename(out)
+        ctx.note(f"restored {out.name} from {replaced[-1].name}, moved aside by a run that did not finish")
 
 
 def _remove_stale_staging(ctx: Context) -> None:
@@ -144,11 +168,14 @@ def _os_error(error: OSError, ctx: Context) -> ExportError:
 def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Context:
     """Run the plan's stages in order. Raises ExportError (and kin) on bad input, a failed check, or a file-system
     error; the output appears only when every stage has passed, and nothing is left behind otherwise."""
-    _check_output_target(plan)
+    if not plan.out.parent.exists():
+        raise OutputError(str(plan.out), f"its parent folder {plan.out.parent} does not exist.", "create it first.")
     registry = registry or default_registry()
     stages = [registry.create(name) for name in plan.stage_names()]
     ctx = Context(plan)
     with OutputLock(plan.out):
+        _restore_replaced_output(ctx)
+        _check_output_target(plan)
         ctx.staging = plan.out.with_name(f".{plan.out.name}.partial-{os.getpid()}")
         _remove_stale_staging(ctx)
         try:
@@ -175,6 +202,9 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
         except OSError as e:
             raise _os_error(e, ctx) from e
         finally:
+            for prepared in ctx.format_state.values():  # a writer pre-flight opened, if the run failed before export
+                if hasattr(prepared, "abort"):
+                    prepared.abort()
             if ctx.staging is not None and ctx.staging.exists():
                 shutil.rmtree(ctx.staging, ignore_errors=True)
     return ctx

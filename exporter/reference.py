@@ -29,7 +29,7 @@ from exporter.layerwise import CheckpointTensors, LoadedWeights, WeightSource, c
 
 _KEY_PREFIX = "base_model.model."
 # PEFT's LoraConfig defaults, used when adapter_config.json leaves a key out.
-_DEFAULT_R, _DEFAULT_ALPHA = 8, 8
+_DEFAULT_ALPHA = 8  # (r needs no default: the rank is the shape of lora_A)
 
 
 @dataclass

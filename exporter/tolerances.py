@@ -1,6 +1,6 @@
 """What parity's thresholds are made of, and the facts every format's tolerances share. Each format declares its own
-tolerances, as data with the reason for each, in its module under exporter/formats/; exporter.formats.tolerance_for
-looks them up. Overridable per run (--max-abs/--max-kl/--min-top1).
+tolerances, as data with the reason for each, in its module under exporter/formats/ (Format.tolerance looks them
+up). Overridable per run (--max-abs/--max-kl/--min-top1).
 
 Top-1 agreement is judged only on *decisive* positions, where the reference's top-2 margin is at least
 DECISIVE_MARGIN logits: a flip between near-tied tokens is rounding, not a wrong merge (measured: PEFT's own bf16

@@ -22,11 +22,14 @@ import ast
 import copy
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,12 +38,17 @@ EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 
 # Target module -> the fast tests that should notice a change in it, quickest first.
 TARGETS: dict[str, list[str]] = {
-    "exporter/merge_math.py": ["tests/test_merge_vs_peft.py", "tests/test_golden.py", "tests/test_parity.py"],
+    "exporter/merge_math.py": ["tests/test_merge_math.py", "tests/test_merge_vs_peft.py", "tests/test_golden.py",
+                               "tests/test_parity.py", "tests/test_cli_options.py"],
     "exporter/adapter.py": ["tests/test_bad_input.py", "tests/test_merge_vs_peft.py", "tests/test_parity.py"],
     "exporter/reference.py": ["tests/test_parity.py", "tests/test_golden.py", "tests/test_merge_vs_peft.py"],
     "exporter/tolerances.py": ["tests/test_parity.py", "tests/test_docs.py"],
-    "converters/gguf/quants.py": ["tests/converters/test_gguf_quants.py", "tests/converters/test_gguf_writer.py"],
-    "converters/gguf/writer.py": ["tests/converters/test_gguf_writer.py", "tests/test_gguf.py"],
+    "converters/gguf/quants.py": ["tests/converters/test_gguf_quants.py", "tests/converters/test_gguf_writer.py",
+                                  "tests/test_gguf.py"],
+    "converters/gguf/writer.py": ["tests/converters/test_gguf_writer.py", "tests/test_gguf.py",
+                                  "tests/test_cli_options.py::test_values_float16_cannot_hold_are_refused_in_every_"
+                                  "format_unless_no_check_finite"],
+    "converters/bnb/quantize.py": ["tests/converters/test_bnb.py", "tests/test_quantized.py"],
 }
 
 _SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -57,13 +65,16 @@ class Mutant:
     function: str
     original: str  # the source of the mutated node, as unparsed
     mutated: str
+    col: int = 0
     status: str = "pending"  # killed | survived | equivalent | timeout
     seconds: float = 0.0
+    occurrence: str = ""  # "[2 of 3]" when the same change fits several places in one function, in source order
 
     @property
     def key(self) -> str:
         """Stable across edits elsewhere in the file: where (function) and what, not the line number."""
-        return f"{self.path}::{self.function}: {self.original} -> {self.mutated}"
+        return f"{self.path}::{self.function}: {self.original} -> {self.mutated}" + \
+            (f" {self.occurrence}" if self.occurrence else "")
 
 
 def _is_text(node: ast.AST) -> bool:
@@ -172,8 +183,16 @@ def generate(path: str) -> list[tuple[Mutant, str]]:
             except SyntaxError:
                 continue
             mutants.append((Mutant(path, node.lineno, scopes.get(id(node), "<module>"), ast.unparse(node),
-                                   ast.unparse(variant)), mutated))
-    return sorted(mutants, key=lambda m: (m[0].line, m[0].mutated))
+                                   ast.unparse(variant), col=node.col_offset), mutated))
+    mutants.sort(key=lambda m: (m[0].line, m[0].col, m[0].mutated))
+    same = Counter(m.key for m, _ in mutants)
+    seen: Counter = Counter()
+    for mutant, _ in mutants:
+        if same[mutant.key] > 1:
+            base = mutant.key
+            seen[base] += 1
+            mutant.occurrence = f"[{seen[base]} of {same[base]}]"
+    return mutants
 
 
 def read_equivalent() -> dict[str, str]:
@@ -197,7 +216,12 @@ def copy_project(dest: Path) -> None:
 
 
 def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(workdir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # No bytecode caches: a mutant of the same length written within the second of the last run would otherwise be
+    # served from the stale .pyc (its check is source mtime + size) and "survive" untested.
+    env = {**os.environ, "PYTHONPATH": str(workdir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    for cache in workdir.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
@@ -213,34 +237,47 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=list(TARGETS), help="target modules (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many mutants per module")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-out" / "mutation")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own project copy "
+                        "with single-threaded torch (default 2: the CI machine's cores)")
     args = parser.parse_args()
 
     equivalent = read_equivalent()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: list[Mutant] = []
     with tempfile.TemporaryDirectory(prefix="lora-export-mutation-") as tmp:
-        work = Path(tmp)
-        copy_project(work)
+        copies = [Path(tmp) / f"copy-{j}" for j in range(args.jobs)]  # one project copy per parallel job
+        for copy_dir in copies:
+            copy_project(copy_dir)
+        free: queue.Queue[Path] = queue.Queue()
+        for copy_dir in copies:
+            free.put(copy_dir)
         for module in args.modules:
             tests = TARGETS[module]
-            status, baseline = run_tests(work, tests, timeout=1800)
+            status, baseline = run_tests(copies[0], tests, timeout=1800)
             if status != "survived":
                 sys.exit(f"the tests for {module} fail without any mutation: fix them first")
             print(f"{module}: tests pass unmutated in {baseline:.0f} s", flush=True)
-            original = (work / module).read_text()
+            original = (ROOT / module).read_text()
             generated = generate(module)[: args.limit]
-            try:
-                for i, (mutant, source) in enumerate(generated, 1):
-                    if mutant.key in equivalent:
-                        mutant.status = "equivalent"
-                    else:
-                        (work / module).write_text(source)
-                        mutant.status, mutant.seconds = run_tests(work, tests, timeout=3 * baseline + 30)
-                    results.append(mutant)
-                    print(f"  [{i}/{len(generated)}] {mutant.status:<10} {module}:{mutant.line} "
-                          f"{mutant.original} -> {mutant.mutated}", flush=True)
-            finally:
-                (work / module).write_text(original)
+
+            def judge(item: tuple[int, tuple[Mutant, str]]) -> Mutant:
+                i, (mutant, source) = item
+                if mutant.key in equivalent:
+                    mutant.status = "equivalent"
+                else:
+                    copy_dir = free.get()
+                    try:
+                        (copy_dir / module).write_text(source)
+                        mutant.status, mutant.seconds = run_tests(copy_dir, tests, timeout=3 * baseline + 60)
+                    finally:
+                        (copy_dir / module).write_text(original)
+                        free.put(copy_dir)
+                print(f"  [{i}/{len(generated)}] {mutant.status:<10} {module}:{mutant.line} "
+                      f"{mutant.original} -> {mutant.mutated}", flush=True)
+                return mutant
+
+            with ThreadPoolExecutor(args.jobs) as pool:
+                results.extend(pool.map(judge, enumerate(generated, 1)))
 
     judged = [m for m in results if m.status != "equivalent"]
     killed = [m for m in judged if m.status in ("killed", "timeout")]

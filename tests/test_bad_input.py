@@ -124,6 +124,35 @@ def test_pickle_adapter_needs_allow_pickle(good, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+class NotATensor:
+    """Anything but tensors and plain containers in a pickle: what weights_only=True exists to refuse (a real attack
+    would make unpickling run code; this class is only importable, which is enough for the check)."""
+
+
+def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path):
+    from exporter.adapter import load_adapter
+    from exporter.reference import read_adapter_terms
+
+    base, adapter = good
+    adapter = copy_adapter(adapter, tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({**tensors, "extra": NotATensor()}, adapter / "adapter_model.bin")
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out", "--allow-pickle"), tmp_path / "out",
+                         "adapter_model.bin")
+    # The library's defaults refuse a pickle outright, and its readers (the merge's and parity's) load tensors only.
+    with pytest.raises(Exception, match="allow-pickle|allow_pickle"):
+        load_adapter(adapter)
+    with pytest.raises(FileNotFoundError):
+        read_adapter_terms(adapter)
+    from exporter.reference import load_reference
+
+    with pytest.raises(FileNotFoundError):
+        load_reference(base, adapter, torch.device("cpu"))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        read_adapter_terms(adapter, allow_pickle=True)
+
+
 def test_existing_output_folder_is_refused(good, tmp_path):
     base, adapter = good
     out = tmp_path / "out"
@@ -184,6 +213,9 @@ ADAPTER_REFUSALS = {
     "target_parameters": (_edit_config(target_parameters=["mlp.experts.down_proj"]), ["'target_parameters' is set"]),
     "A without B": (_edit_tensors(lambda t: t.pop(f"{Q0}.lora_B.weight")),
                     ["model.layers.0.self_attn.q_proj", "not a complete A/B pair"]),
+    "embedding A without B": (_edit_tensors(lambda t: t.update({
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)})),
+        ["model.embed_tokens", "not a complete A/B pair"]),
     "rank differs from r": (_edit_config(r=16), ["has rank 4 in its tensors, but the config gives r=16"]),
     "rank differs from rank_pattern": (_edit_config(rank_pattern={"v_proj": 2}),
                                        ["rank 4 in its tensors", "r=2 (rank_pattern key 'v_proj')"]),
@@ -240,7 +272,7 @@ BASE_REFUSALS = {
     "config.json not JSON": (False, lambda b: (b / "config.json").write_text("{"), ["config.json", "not valid JSON"]),
     "only a pickle": (False, _base_only_bin, ["no *.safetensors weights", "pytorch_model.bin", "a pickle"]),
     "shards without their index": (True, lambda b: (b / "model.safetensors.index.json").unlink(),
-                                   ["no model.safetensors.index.json", "unsloth #2355"]),
+                                   ["no model.safetensors.index.json", "restore the index file"]),
     "index names a missing shard": (True, lambda b: (b / _shards(b)[1]).unlink(),
                                     ["model.safetensors.index.json", "-of-", "does not exist"]),
     "truncated shard": (True, lambda b: (b / _shards(b)[0]).write_bytes((b / _shards(b)[0]).read_bytes()[:-64]),

@@ -116,6 +116,49 @@ def test_no_check_finite_lets_nan_through(trained, tmp_path):
     assert torch.isnan(v_proj[5]).all() and torch.isfinite(v_proj[:5]).all()  # row 5 of B feeds row 5 of ΔW
 
 
+@pytest.mark.parametrize("to, message", [
+    ("safetensors", "has values beyond what torch.float16 holds"),
+    ("gguf:f16", "has values beyond ±65504, which F16 stores as Inf"),
+    ("onnx:fp16", "has values beyond what torch.float16 holds. Fix: export onnx:fp32 instead."),
+])
+def test_values_float16_cannot_hold_are_refused_in_every_format_unless_no_check_finite(trained, tmp_path, to,
+                                                                                        message):
+    """A merge that is finite in float32 but beyond fp16's ±65504 in one row: each fp16 writer refuses it by name
+    (exit 2, nothing written); --no-check-finite writes the Inf the user asked for."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = trained
+    loud = tmp_path / "adapter"
+    loud.mkdir()
+    (loud / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    tensors[key][5] = 1e6 * tensors[key][5].sign()  # ΔW row 5 ≈ 1e6 · (A's column sums): far beyond fp16, finite
+    save_file(tensors, loud / "adapter_model.safetensors")
+    refused = run(base, loud, tmp_path / "out", "--to", to, "--dtype", "float16", "--parity", "off")
+    assert refused.exit_code == 2 and message in error_line(refused) and "v_proj" in error_line(refused)
+    assert not (tmp_path / "out").exists()
+    kept = run(base, loud, tmp_path / "kept", "--to", to, "--dtype", "float16", "--parity", "off",
+               "--no-check-finite")
+    assert kept.exit_code == 0, kept.output
+    if to == "safetensors":
+        row = load_output(tmp_path / "kept")["model.layers.0.self_attn.v_proj.weight"][5]
+    elif to == "gguf:f16":
+        from gguf import GGUFReader
+
+        tensor = next(t for t in GGUFReader(tmp_path / "kept" / "model-F16.gguf").tensors
+                      if t.name == "blk.0.attn_v.weight")
+        row = torch.from_numpy(tensor.data.copy())[5]
+    else:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(tmp_path / "kept" / "onnx" / "model.onnx"))
+        weight = next(i for i in model.graph.initializer if i.name.startswith("model.layers.0.self_attn.v_proj.weight"))
+        row = torch.from_numpy(numpy_helper.to_array(weight, base_dir=str(tmp_path / "kept" / "onnx")).copy()).T[5]
+    assert torch.isinf(row).any()
+
+
 def test_max_abs_override_fails_with_exit_3_and_keeps_the_figures(trained, tmp_path):
     base, adapter = trained
     out = tmp_path / "out"

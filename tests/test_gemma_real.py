@@ -395,6 +395,21 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
 
 
 @pytest.mark.slow
+def test_gguf_lora_applied_by_llama_cpp_behaves_like_the_unmerged_model(gemma, tmp_path):
+    """The adapter itself as a GGUF LoRA, applied by llama.cpp (--lora) to an f32 GGUF of the base: parity against
+    the unmerged reference, and the same logits as the merged F32 GGUF within llama.cpp's own noise."""
+    ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=tmp_path / "lora",
+                                  formats=("gguf-lora", "gguf:f32"), progress=False))
+    parity = {a.format: a.parity for a in ctx.artifacts}
+    for name, p in parity.items():
+        print(f"\n[{name}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 {p['top1']:.4f}, decisive "
+              f"{p['top1_decisive']:.4f} of {p['decisive_positions']}, effect kept {p['adapter_effect_kept']:.4f}")
+        assert p["passed"], p
+    # Measured: KL ≈ GGUF_LORA_KL for both (ggml's GELU table dominates); the adapter's whole effect is kept.
+    assert parity["gguf-lora"]["kl"] <= GGUF_LORA_MAX_KL and parity["gguf-lora"]["adapter_effect_kept"] >= 0.999
+    assert parity["gguf-lora"]["top1_decisive"] == 1.0
+
+@pytest.mark.slow
 def test_qlora_on_gemma_nf4_every_artifact(gemma, tmp_path):
     """What most adapters are: QLoRA. Gemma 3 270M quantized to NF4 (double quant) by transformers, a PEFT adapter
     trained on the 4-bit model, merged into the dequantized base and written as bf16 safetensors, re-quantized NF4 and

@@ -122,15 +122,50 @@ def test_modules_to_save_with_resized_vocab(tmp_path, probe_ids):
     tok = AutoTokenizer.from_pretrained(tmp_path / "base")
     tok.add_tokens([f"<new{i}>" for i in range(4)])
     tok.save_pretrained(adapter)
-    run_export(base, adapter, tmp_path / "out")
+    ctx = run_export(base, adapter, tmp_path / "out")
     ours = load_output(tmp_path / "out")
     assert ours["model.embed_tokens.weight"].shape[0] == 136 and ours["lm_head.weight"].shape[0] == 136
+    # Measured on the base's rows and vocabulary, where the base has logits to compare: the exact merge keeps it all.
+    assert ctx.artifacts[0].parity["adapter_effect_kept"] > 0.999
     assert_matches_peft(ours, peft_merged_state(base, adapter, resize_vocab_to=136))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 136
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == len(tok)
     ids = torch.tensor([[1, 5, 130, 135, 9, 131]])  # includes added rows
     ref = peft_unmerged_logits(base, adapter, ids, resize_vocab_to=136)
     assert (model_logits(tmp_path / "out", ids) - ref).abs().max() <= 1e-4
+
+
+def test_modules_to_save_as_peft_writes_it_and_the_trained_copy_beside_an_untrained_one(tmp_path):
+    """PEFT 0.21 writes a modules_to_save layer under its plain name; an adapter may also carry the trained copy under
+    ".modules_to_save." beside an untrained "<module>.weight" (older PEFT, after a resize): the trained copy wins,
+    whichever comes first in the file."""
+    from safetensors.torch import load_file
+
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 modules_to_save=["lm_head"])
+    ctx = run_export(base, adapter, tmp_path / "plain", dtype="float32")
+    ours = load_output(tmp_path / "plain")
+    assert_matches_peft(ours, peft_merged_state(base, adapter))
+    assert not torch.equal(ours["lm_head.weight"], load_output(base)["lm_head.weight"])  # the trained layer landed
+    assert ctx.artifacts[0].parity["passed"]
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    trained = tensors.pop("base_model.model.lm_head.weight")
+    untrained = torch.full_like(trained, 0.5)
+    for order, name in ((("base_model.model.lm_head.modules_to_save.weight", "base_model.model.lm_head.weight"),
+                         "trained-first"),
+                        (("base_model.model.lm_head.weight", "base_model.model.lm_head.modules_to_save.weight"),
+                         "untrained-first")):
+        both = tmp_path / name
+        both.mkdir()
+        (both / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+        values = {"base_model.model.lm_head.modules_to_save.weight": trained,
+                  "base_model.model.lm_head.weight": untrained}
+        torch.save({**tensors, **{key: values[key] for key in order}}, both / "adapter_model.bin")  # keeps the order
+        ctx = run_export(base, both, tmp_path / f"out-{name}", dtype="float32", allow_pickle=True)
+        assert torch.equal(load_output(tmp_path / f"out-{name}")["lm_head.weight"], trained), name
+        assert ctx.artifacts[0].parity["passed"], name  # the reference reads the trained copy too
 
 
 @pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
@@ -237,12 +272,16 @@ def test_config_without_r_alpha_or_rslora_uses_peft_defaults(tmp_path):
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     config_path = adapter / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    for key in ("r", "lora_alpha", "use_rslora"):
+    for key in ("r", "lora_alpha", "use_rslora", "use_dora"):
         config.pop(key)
     config_path.write_text(json.dumps(config))
     ctx = run_export(base, adapter, tmp_path / "out", dtype="float32")
     assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
     assert {m["scale"] for m in ctx.report["merge"]} == {1.0}
+    from exporter.inspect import describe
+
+    info = describe(str(adapter), None, None)
+    assert (info["use_rslora"], info["use_dora"]) == (False, False)
 
 
 def test_trained_adapter_on_a_bf16_base(tmp_path):

@@ -173,3 +173,37 @@ def test_bf16_and_an_architecture_the_exporter_cannot_handle_are_refused_before_
     line = [x for x in refused.output.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "qwen2_moe" in line[0] and "Fix:" in line[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refusal_after_the_onnx_pre_flight_leaves_no_file_open(tmp_path):
+    """The ONNX pre-flight opens its data file; when a later check refuses the run (here GGUF: no tokenizer), the
+    writer is closed with the rest, not leaked until the process ends."""
+    import os
+
+    base = bf16_base(tmp_path / "base", "llama")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to", "onnx,gguf")
+    assert result.exit_code == 2 and "holds no tokenizer" in result.output, result.output
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if "model.onnx" in f], open_files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no output, no staging, no lock
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_the_disk_pre_flight_plans_the_bytes_the_data_file_takes(tmp_path, arch):
+    """The size the disk check plans for equals what model.onnx.data holds, give or take the 4 KiB alignment of each
+    tensor: tied embeddings (Gemma) add the output head's transposed copy once, not a second copy of everything."""
+    from exporter.context import ExportPlan
+    from exporter.formats.onnx import FORMAT
+    from exporter.pipeline import run_pipeline
+
+    base = bf16_base(tmp_path / "base", arch)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", formats=("onnx",),
+                                  parity="off", progress=False))
+    planned, _ = FORMAT.output_bytes(ctx, "fp32")
+    written = (tmp_path / "out" / "onnx" / "model.onnx.data").stat().st_size
+    tensors = len(onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph.initializer)
+    assert planned <= written <= planned + 4096 * tensors, (planned, written, tensors)
+    assert ctx.merged_config.get("tie_word_embeddings", False) == (arch == "gemma3_text")

@@ -137,3 +137,24 @@ def test_a_misread_adapter_fails_parity(tmp_path, monkeypatch, bug):
     _break_adapter_reading(monkeypatch, bug)
     with pytest.raises(ParityError):
         run_export(base, adapter, tmp_path / "wrong")
+
+
+def test_decisive_positions_are_those_with_a_top2_margin_of_one_logit():
+    """README: top-1 is judged where the reference's top-2 margin is ≥ 1 logit. Margins 1.5, 1.0, 0.99 and 0.2 here;
+    the output flips the last two (near-ties), then also the first."""
+    reference = torch.tensor([[3.0, 1.5, 0.0], [2.0, 1.0, 0.0], [1.99, 1.0, 0.0], [0.2, 0.0, -1.0]])
+    flipped_near_ties = torch.tensor([[3.0, 1.5, 0.0], [2.0, 1.0, 0.0], [1.0, 1.99, 0.0], [0.0, 0.2, -1.0]])
+    figures = compare_logits(reference, flipped_near_ties)
+    assert figures.decisive_positions == 2 and figures.top1_decisive == 1.0 and figures.top1 == 0.5
+    flipped_decisive = flipped_near_ties.clone()
+    flipped_decisive[0] = torch.tensor([1.5, 3.0, 0.0])
+    assert compare_logits(reference, flipped_decisive).top1_decisive == 0.5
+
+
+def test_random_id_probes_get_ten_times_the_kl_and_max_abs_bounds_and_no_top1():
+    """README: random-id probes are judged by ten times the declared KL and max |Δ| bounds, top-1 not judged."""
+    from exporter.stages.parity import _out_of_distribution
+
+    loose = _out_of_distribution(Tolerance(1e-3, 2e-2, 0.99, "declared"))
+    assert (loose.max_abs, loose.max_kl, loose.min_top1) == (pytest.approx(1e-2), pytest.approx(0.2), None)
+    assert _out_of_distribution(Tolerance(None, 1e-3, None, "kl only")).max_abs is None

@@ -112,3 +112,20 @@ def test_merged_config_updates_every_text_config_key():
     config = merged_config(base, {"vocab_size": 12, "tie_word_embeddings": False}, torch.float32)
     assert config["text_config"] == {"vocab_size": 12, "tie_word_embeddings": False, "hidden_size": 8}
     assert config["vocab_size"] == 12 and config["tie_word_embeddings"] is False and config["dtype"] == "float32"
+
+
+def test_an_output_moved_aside_by_a_killed_overwrite_is_restored_not_lost(tiny, tmp_path):
+    """--overwrite moves the previous output to .NAME.replaced-PID before moving the new one in; a run killed between
+    the two leaves no --out. The next run puts the previous output back first, so without --overwrite it is refused
+    as any non-empty --out is, and the user's files are still there."""
+    base, adapter = tiny
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.replaced-999999"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"the previous output")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity="off", progress=False))
+    assert (out / "model.safetensors").read_bytes() == b"the previous output" and not aside.exists()
+    ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity="off", progress=False,
+                                  overwrite=True))
+    assert load_output(out) and ctx.artifacts and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

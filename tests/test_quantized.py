@@ -190,6 +190,17 @@ def test_gguf_from_a_qlora_base(qlora, tmp_path):
     assert (tmp_path / "out" / "model-Q4_K_M.gguf").is_file()
 
 
+def test_a_gguf_lora_of_a_qlora_base_is_refused(qlora, tmp_path):
+    """llama.cpp applies a GGUF LoRA to a GGUF of the base, which cannot be made from bitsandbytes weights."""
+    _, quantized, adapter = qlora["int8"]
+    result = cli("--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to",
+                 "gguf-lora")
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "bitsandbytes-quantized" in lines[0] and "Fix: export the merged model instead: --to gguf." in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_into_the_original_weights(qlora, tmp_path):
     """--merge-into original: the adapter lands on the full-precision weights (what Unsloth does); judged against
     original + adapter, with the distance to what training saw reported beside it."""

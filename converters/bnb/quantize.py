@@ -30,8 +30,8 @@ def _prepare(weight: torch.Tensor, model_dtype: torch.dtype, conv1d: bool,
     return w.to(device if device is not None else w.device).contiguous()
 
 
-def quantize_4bit(module: str, weight: torch.Tensor, *, model_dtype: torch.dtype, quant_type: str = "nf4",
-                  double_quant: bool = False, quant_storage: torch.dtype = torch.uint8,
+def quantize_4bit(module: str, weight: torch.Tensor, *, model_dtype: torch.dtype, quant_type: str,
+                  double_quant: bool, quant_storage: torch.dtype = torch.uint8,
                   blocksize: int = DEFAULT_BLOCKSIZE, conv1d: bool = False,
                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors ("<module>.weight", ".weight.absmax", ..., ".weight.quant_state.bitsandbytes__<type>")

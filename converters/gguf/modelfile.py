@@ -76,8 +76,10 @@ def derive_chat_format(template: str, special_tokens: dict[str, str]) -> ChatFor
         with_system = _render(template, [{"role": "system", "content": sy}, user], special_tokens, generation=False)
     except Exception:  # a template that refuses system turns (raise_exception)
         with_system = None
+    if with_system is not None and sy not in with_system:
+        with_system = None  # a template that drops system messages: the Modelfile has no system branch either
     if with_system is not None:
-        before, after = with_system.split(sy, 1) if sy in with_system else ("", "")
+        before, after = with_system.split(sy, 1)
         if before == leading + user_prefix and after.endswith(u + user_suffix):
             folded = after[: -len(u + user_suffix)]  # [system, user] → L Up SY sep U Us
         else:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
-
 
 _workspaces = threading.local()
 
@@ -147,10 +145,3 @@ def encode_rows_into(rows: torch.Tensor, qtype: QT, out: torch.Tensor) -> None:
     encoded = encode_rows(rows, qtype, out=out)
     if encoded.data_ptr() != out.data_ptr():  # a quantized block, or rows already in the target type
         out.copy_(encoded)
-
-
-def quantize(tensor: torch.Tensor, qtype: QT, *, rows_per_chunk: int = 4096) -> np.ndarray:
-    """A whole tensor as GGML bytes (a flat uint8 array), encoded ``rows_per_chunk`` rows at a time."""
-    rows = tensor.reshape(-1, tensor.shape[-1] if tensor.shape else 1)
-    return np.concatenate([encode_rows(rows[start:start + rows_per_chunk], qtype).cpu().numpy()
-                           for start in range(0, max(rows.shape[0], 1), rows_per_chunk)])

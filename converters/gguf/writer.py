@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import gguf
 import numpy as np
@@ -31,6 +31,8 @@ from converters.gguf.vocab import Vocab, load_vocab
 from converters.ordered_pool import default_workers
 from converters.safetensors_in import SafetensorsFile
 from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, workspace
+
+F16_MAX = 65504.0
 
 
 class GGUFExportError(ValueError):
@@ -146,12 +148,20 @@ class _TensorEncoder:
 
     needs_rows = True
 
-    def __init__(self, plan: GGUFPlan, section: _DataSection, entry: _PlannedTensor) -> None:
+    def __init__(self, plan: GGUFPlan, section: _DataSection, entry: _PlannedTensor, check_range: bool) -> None:
         self.plan, self.section, self.entry = plan, section, entry
         self.total_rows = entry.shape[0] if entry.shape else 1
         self.row_bytes = entry.nbytes // self.total_rows
+        # F16 is the one type a plain cast can overflow (±65504 becomes Inf); the block types store a scale of the
+        # block's maximum / 127 (or / 8) in F16 and hold values a hundred times larger.
+        self.check_range = check_range and entry.qtype == QT.F16
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
+        if self.check_range and rows.is_floating_point():
+            low, high = torch.aminmax(rows)
+            if not (float(low) >= -F16_MAX and float(high) <= F16_MAX):
+                raise GGUFExportError(f"tensor {self.entry.hf_name} has values beyond ±{F16_MAX:g}, which F16 stores as "
+                                 "Inf; write gguf:bf16 or gguf:f32 instead")
         rows = transform(self.plan.spec, self.plan.hp, self.entry.hf_name, rows, total_rows=self.total_rows)
         out = workspace(torch.uint8, (stop - start) * self.row_bytes, "gguf")
         encode_rows_into(rows, self.entry.qtype, out)
@@ -203,8 +213,9 @@ class GGUFStreamWriter:
     each planned tensor as it arrives, the file renamed into place by ``close``."""
 
     def __init__(self, target: Path, plan: GGUFPlan, vocab: Vocab, *, metadata: dict[str, str] | None = None,
-                 name: str | None = None) -> None:
-        self.target, self.plan = Path(target), plan
+                 name: str | None = None, check_range: bool = True) -> None:
+        """``check_range``: refuse values an F16 file would store as Inf (a ValueError naming the tensor)."""
+        self.target, self.plan, self.check_range = Path(target), plan, check_range
         kquant = plan.gguf_type is not plan.written_type
         self.partial = self.target.with_name(f".{self.target.name}.{'f32' if kquant else 'partial'}-{os.getpid()}")
         vocab.pad_to(plan.embed_rows)
@@ -256,7 +267,7 @@ class GGUFStreamWriter:
 
     def encoder(self, tensor: StreamTensor) -> _TensorEncoder | None:
         entry = self.plan.by_hf_name.get(tensor.name)
-        return None if entry is None else _TensorEncoder(self.plan, self._section, entry)
+        return None if entry is None else _TensorEncoder(self.plan, self._section, entry, self.check_range)
 
     # -------------------------------------------------------------------------------------------------------------
     def close(self) -> GGUFResult:
@@ -301,16 +312,21 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
     """Convert the HF model in ``folder`` (config.json, *.safetensors, tokenizer) to ``target``, streaming tensor by
     tensor. ``metadata`` adds string keys (provenance)."""
     config = json.loads((Path(folder) / "config.json").read_text())
-    tensors = file_tensors(_shards(Path(folder)))
-    plan = GGUFPlan(config, [(t.name, t.shape) for t in tensors], type_name)
-    vocab = load_vocab(Path(folder), pre_tokenizer)
-    writer = GGUFStreamWriter(target, plan, vocab, metadata=metadata, name=str(config.get("_name_or_path")
-                                                                             or Path(folder).name))
+    shards = _shards(Path(folder))
     try:
-        pump(tensors, [writer], workers or default_workers(),
-             on_written=None if on_bytes is None else lambda t: on_bytes(t.numel * t.dtype.itemsize),
-             block_values=block_values)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+        tensors = file_tensors(shards)
+        plan = GGUFPlan(config, [(t.name, t.shape) for t in tensors], type_name)
+        vocab = load_vocab(Path(folder), pre_tokenizer)
+        writer = GGUFStreamWriter(target, plan, vocab, metadata=metadata, name=str(config.get("_name_or_path")
+                                                                                 or Path(folder).name))
+        try:
+            pump(tensors, [writer], workers or default_workers(),
+                 on_written=None if on_bytes is None else lambda t: on_bytes(t.numel * t.dtype.itemsize),
+                 block_values=block_values)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+    finally:
+        for shard in shards:
+            shard.close()

@@ -40,7 +40,8 @@ class OnnxWriter:
     any wanted name was never written. Calls out of order (write after close) raise."""
 
     def __init__(self, folder: Path, config: dict, *, dtype: str = "fp32", kv_cache: bool = True, opset: int = 18,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, check_finite: bool = True) -> None:
+        """``check_finite``: refuse a weight with NaN or Inf in the graph's dtype (fp16 overflows beyond ±65504)."""
         if dtype in REFUSED_DTYPES:
             raise OnnxExportError(f"dtype {dtype} refused: {REFUSED_DTYPES[dtype]}")
         if dtype not in DTYPES:
@@ -48,6 +49,7 @@ class OnnxWriter:
         self.folder = Path(folder)
         self.dtype = dtype
         self.metadata = dict(metadata or {})
+        self.check_finite = check_finite
         self._traced = trace(config, _TORCH_DTYPES[dtype], kv_cache=kv_cache, opset=opset)
         self._folds: dict[str, Fold] = plan_folds(self._traced.model, list(self._traced.params))
         self._written: dict[str, str] = {}  # graph weight name -> the HF name it was written under
@@ -98,7 +100,7 @@ class OnnxWriter:
         if not tensor.is_floating_point():
             raise OnnxExportError(f"tensor {hf_name} is {tensor.dtype}; the ONNX writer takes float tensors")
         weight = tensor.detach().to("cpu", dtype)
-        if not bool(torch.isfinite(weight).all()):
+        if self.check_finite and not bool(torch.isfinite(weight).all()):
             raise OnnxExportError(f"tensor {hf_name} has non-finite values as {self.dtype} (beyond fp16's ±65504?)")
         return Prepared(hf_name, name, fold.apply(weight, self._traced.model))
 

@@ -39,10 +39,6 @@ def parse_formats(texts: Iterable[str]) -> list[FormatRequest]:
     return requests
 
 
-def tolerance_for(fmt: str, variant: str, architecture: str | None = None) -> Tolerance:
-    return FORMATS.get(fmt).tolerance(variant, architecture)
-
-
 def tolerance_table() -> str:
     """Every declared tolerance as a Markdown table (README.md carries it; a test keeps the two in step)."""
 
@@ -64,4 +60,4 @@ def tolerance_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMATS", "Format", "Sink", "parse_formats", "tolerance_for", "tolerance_table"]
+__all__ = ["FORMATS", "Format", "Sink", "parse_formats", "tolerance_table"]

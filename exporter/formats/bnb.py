@@ -100,7 +100,11 @@ class _Spill:
         return FileSlice(self.path, offset, at - offset)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Idempotent: abort() may follow a close() (another sink failed), and a descriptor number closed twice
+        could by then belong to a file another thread opened."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
         self.path.unlink(missing_ok=True)
 
 
@@ -213,9 +217,13 @@ class BnbSink:
         order = [key for t in self.ctx.layout.tensors for key in self.parts[t.name]]
         specs = [TensorSpec(key, DTYPE_NAMES[self.layouts[key][0]], self.layouts[key][1]) for key in order]
         writer = ShardedWriter(self.folder, specs, self.ctx.plan.max_shard_size, metadata={"lora_export": "merged"})
-        for t in self.ctx.layout.tensors:
-            for key, where in self.parts[t.name].items():
-                writer.copy_from(key, where)
+        try:
+            for t in self.ctx.layout.tensors:
+                for key, where in self.parts[t.name].items():
+                    writer.copy_from(key, where)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         self.spill.close()
         copy_model_files(self.ctx.model_files, self.folder)

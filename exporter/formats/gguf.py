@@ -60,7 +60,8 @@ class GGUFSink:
         self.staged = ctx.staging / _file_name(variant)
         plan = ctx.format_state[f"gguf:{variant}"]
         self.writer = GGUFStreamWriter(self.staged, plan, gguf_vocab(ctx), metadata=provenance(ctx),
-                                       name=str(ctx.base.config.get("_name_or_path") or ctx.base.path.name))
+                                       name=str(ctx.base.config.get("_name_or_path") or ctx.base.path.name),
+                                       check_range=ctx.plan.check_finite)
         self.row_unit = self.writer.row_unit
         self.encoder = self.writer.encoder
 

@@ -8,6 +8,7 @@ then deleted) with this adapter applied by llama.cpp at run time.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -22,13 +23,6 @@ from exporter.runners import llama_cpp_logits
 from exporter.tolerances import Tolerance
 
 FILE_NAME = "adapter.gguf"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class GGUFLoraSink:
@@ -62,6 +56,10 @@ class GGUFLoraFormat(Format):
         from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters
 
         adapter = ctx.adapter
+        if ctx.base.quantization is not None:
+            raise InputError(str(ctx.base.path), "is a bitsandbytes-quantized model; a GGUF LoRA is applied at run "
+                             "time to a GGUF of the base, which llama.cpp cannot make from bitsandbytes weights.",
+                             "export the merged model instead: --to gguf.")
         refusals = []
         if adapter.use_dora:
             refusals.append("DoRA (llama.cpp's LoRA has no magnitude vector)")
@@ -86,8 +84,8 @@ class GGUFLoraFormat(Format):
     def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
         """The adapter in f32; with parity on, the base as an F32 GGUF beside it while llama.cpp runs them."""
         adapter = ctx.adapter
-        size = sum(4 * _numel(adapter.shape(k)) for m in adapter.modules.values() for k in (m.a_key, m.b_key))
-        base_f32 = sum(4 * _numel(t.shape) for t in ctx.base.tensors.values()) if ctx.plan.parity else 0
+        size = sum(4 * math.prod(adapter.shape(k)) for m in adapter.modules.values() for k in (m.a_key, m.b_key))
+        base_f32 = sum(4 * math.prod(t.shape) for t in ctx.base.tensors.values()) if ctx.plan.parity else 0
         return size + 4096, base_f32
 
     def open_sink(self, ctx: Context, variant: str | None) -> GGUFLoraSink:

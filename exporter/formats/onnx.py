@@ -55,7 +55,8 @@ class _WeightEncoder:
         self.rows = self.out.reshape(-1) if self.out.dim() <= 1 else self.out
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
-        cast_rows(self.rows[start:stop], rows, self.name, self.sink.ctx.plan.check_finite)
+        cast_rows(self.rows[start:stop], rows, self.name, self.sink.ctx.plan.check_finite,
+                  fix="export onnx:fp32 instead.")
 
     def finish(self) -> None:
         self.sink.commit_in_order(self.name, self.sink.writer.prepare(self.name, self.out))
@@ -180,6 +181,7 @@ class OnnxFormat(Format):
         folder = ctx.staging / _folder(ctx, variant)
         try:
             writer = OnnxWriter(folder, ctx.merged_config, dtype=dtype, kv_cache=kv_cache,
+                                check_finite=ctx.plan.check_finite,
                                 metadata={"lora_export." + k.split(".", 1)[-1] if k.startswith("general.") else k: v
                                           for k, v in provenance(ctx).items()})
         except OnnxExportError as e:
@@ -189,9 +191,13 @@ class OnnxFormat(Format):
         ctx.format_state[f"onnx:{variant}"] = writer
 
     def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+        """Every float weight once in the graph's dtype; a tied embedding twice (the Gather reads it as stored, the
+        output head as its transpose)."""
         itemsize = 2 if variant.startswith("fp16") else 4
         values = sum(math.prod(t.shape) for t in ctx.layout.tensors if t.dtype.is_floating_point)
-        return values * itemsize * (2 if ctx.merged_config.get("tie_word_embeddings") else 1), 0
+        if ctx.merged_config.get("tie_word_embeddings"):
+            values += sum(math.prod(t.shape) for t in ctx.layout.tensors if t.name.endswith("embed_tokens.weight"))
+        return values * itemsize, 0
 
     def open_sink(self, ctx: Context, variant: str | None) -> OnnxSink:
         return OnnxSink(ctx, variant)
@@ -202,8 +208,8 @@ class OnnxFormat(Format):
         return torch.cat([torch.from_numpy(_run(session, p.tolist(), None, len(p))[0]) for p in probes])
 
     def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
-        """With the KV cache: a prefill of half a probe and then DECODE_STEPS tokens one at a time from the presents
-        must give the full recompute's logits for those tokens."""
+        """With the KV cache: a prefill of 8 random ids, then DECODE_STEPS more one at a time from the presents, must
+        give the full recompute's logits for every one of them."""
         dtype, kv_cache = _split(artifact.variant)
         if not kv_cache:
             return None, []
@@ -228,10 +234,8 @@ class OnnxFormat(Format):
 
         path = artifact.staged / "model.onnx"
         model = onnx.load(str(path), load_external_data=False)
-        p = artifact.parity
-        for key, value in {"lora_export.parity": json.dumps(
-                {k: p[k] for k in ("runtime", "max_abs", "kl", "top1", "top1_decisive", "passed")})}.items():
-            model.metadata_props.add(key=key, value=value)
+        figures = {k: artifact.parity[k] for k in ("runtime", "max_abs", "kl", "top1", "top1_decisive", "passed")}
+        model.metadata_props.add(key="lora_export.parity", value=json.dumps(figures))
         onnx.save(model, str(path))
 
 

@@ -73,7 +73,8 @@ class SafetensorsSink:
         return [Artifact("safetensors", self.ctx.plan.out, self.folder, variant=variant)]
 
     def abort(self) -> None:
-        """Nothing of its own to remove: the folder is the run's staging folder, which the runner removes."""
+        """Its files closed; the folder is the run's staging folder, which the runner removes."""
+        self.writer.abort()
 
     def _check_written(self) -> None:
         """Read back the headers: every planned tensor, with its shape and dtype, in the file the index names."""

@@ -1,12 +1,11 @@
 """export: open every requested format's writer, pull each tensor of the merge stream once, let every writer encode
-it, write them in order, and close the files. A format that needs no tensor (gguf-lora) just writes at close.
+it (each block written at its place, from the worker that computed it), and close the files. A format that needs
+no tensor (gguf-lora) just writes at close.
 
 Everything lands in the staging folder; the runner renames it into place only after every stage has passed.
 """
 
 from __future__ import annotations
-
-import logging
 
 from tqdm import tqdm
 
@@ -14,8 +13,6 @@ from converters.ordered_pool import default_workers
 from converters.tensor_stream import StreamTensor, pump
 from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
-
-log = logging.getLogger("lora_export")
 
 
 def _from_converters(error: Exception) -> bool:
@@ -35,7 +32,7 @@ class ExportStage:
             writers = [sink for _, sink in sinks if sink.consumes_stream]
             if writers:
                 self._pump(ctx, writers)
-            for request, sink in sinks:
+            for _, sink in sinks:
                 ctx.artifacts.extend(sink.close())
         except Exception as e:
             for _, sink in sinks:

@@ -8,8 +8,6 @@ stored dtype is what a format writes is handed on as its location in the file (c
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from converters.safetensors_in import SafetensorsFile
@@ -19,8 +17,6 @@ from exporter.context import Context
 from exporter.errors import StageCheckError
 from exporter.layout import OutputTensor
 from exporter.merge_math import LoraMerge
-
-log = logging.getLogger("lora_export")
 
 
 def _adapter_slice(ctx: Context, key: str) -> FileSlice | None:

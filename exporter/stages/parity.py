@@ -153,8 +153,11 @@ class ParityStage:
         base_rows = _base_rows(probes, ctx)
         width = base_logits.shape[-1]  # a resized vocabulary: the base has no logits for the added tokens
         training_ref = ref_logits if training_logits is None else training_logits
-        adapter_kl = compare_logits(training_ref[judged_rows & base_rows][:, :width], base_logits[judged_rows[base_rows]]
-                                    ).kl if (judged_rows & base_rows).any() else 0.0
+        # Effect kept compares the artifact and the base on the same rows and vocabulary width: text rows the base
+        # can read (no added tokens), its own logits only.
+        effect_rows = judged_rows & base_rows
+        adapter_kl = compare_logits(training_ref[effect_rows][:, :width], base_logits[judged_rows[base_rows]]
+                                    ).kl if effect_rows.any() else 0.0
         for artifact in ctx.artifacts:
             fmt = FORMATS.get(artifact.format)
             out_logits = fmt.run_parity(artifact, ctx, probes.inputs)
@@ -174,8 +177,9 @@ class ParityStage:
             failures += extra_failures
             if tol.broken_kl is not None and figures.kl > adapter_kl + tol.broken_kl:
                 failures.append(f"KL {figures.kl:.3g} > the base's own {adapter_kl:.3g} + {tol.broken_kl:g}")
-            training_ref = ref_logits if training_logits is None else training_logits
-            kept = _effect_kept(compare_logits(training_ref[judged_rows], out_logits[judged_rows]).kl, adapter_kl)
+            kept = _effect_kept(compare_logits(training_ref[effect_rows][:, :width],
+                                               out_logits[effect_rows][:, :width]).kl, adapter_kl) \
+                if effect_rows.any() else None
             if kept is not None and kept < ctx.plan.min_effect_kept:
                 message = (f"{artifact.format}:{artifact.variant} keeps {kept:.0%} of the adapter's effect on the "
                            f"probes (KL to the reference vs KL of the base without the adapter)")

@@ -8,7 +8,14 @@ import torch
 from gguf import quants as reference
 from gguf.constants import GGMLQuantizationType as QT
 
-from converters.gguf.quants import quantize
+from converters.gguf.quants import encode_rows
+
+
+def quantize(tensor: torch.Tensor, qtype: QT, rows_per_chunk: int) -> np.ndarray:
+    """The whole tensor through encode_rows, ``rows_per_chunk`` rows at a time (as the writer feeds it blocks)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return np.concatenate([encode_rows(rows[start:start + rows_per_chunk], qtype).numpy()
+                           for start in range(0, rows.shape[0], rows_per_chunk)])
 
 
 def awkward_tensor(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -50,4 +57,12 @@ def test_half_inputs_quantize_like_their_float32_value(qtype, dtype):
 
 def test_rows_must_fit_blocks():
     with pytest.raises(ValueError, match="multiple of 32"):
-        quantize(torch.zeros(2, 40), QT.Q8_0)
+        encode_rows(torch.zeros(2, 40), QT.Q8_0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        encode_rows(torch.zeros(40), QT.Q8_0)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q5_1])
+def test_a_one_dimensional_tensor_is_one_row(qtype):
+    t = awkward_tensor(8, 128, 2)[4]  # a row whose scaled values land on .5
+    assert encode_rows(t, qtype).numpy().tobytes() == np.ascontiguousarray(reference.quantize(t.numpy(), qtype)).tobytes()

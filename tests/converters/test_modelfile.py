@@ -19,6 +19,10 @@ TEMPLATES = {
     "gemma": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
              "{% endif %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}"
              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    # Drops system messages without a word (and starts with no fixed text): the TEMPLATE must drop them too.
+    "chatml-no-system": "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+                        "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "demo": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}",
     # Real models' templates, as their tokenizer_config.json carries them.

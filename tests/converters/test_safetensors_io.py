@@ -70,3 +70,19 @@ def test_truncated_file_is_named(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[:-10])
     with pytest.raises(SafetensorsError, match="truncated"):
         SafetensorsFile(tmp_path / "t.safetensors")
+
+
+@pytest.mark.parametrize("shape, row_unit, expected", [
+    ((3_000_000,), 1, [(0, 1 << 20), (1 << 20, 2 << 20), (2 << 20, 3_000_000)]),  # a long 1-D tensor: ~1M at a time
+    ((1000,), 1, [(0, 1000)]),  # a small one: one block
+    ((4096, 512), 32, [(0, 2048), (2048, 4096)]),  # 2048 rows of 512 = 1M values, a multiple of 32 rows
+    ((10, 300_000), 4, [(0, 4), (4, 8), (8, 10)]),  # rows wider than a block: row_unit rows at a time
+])
+def test_stream_tensor_blocks(shape, row_unit, expected):
+    from converters.tensor_stream import StreamTensor, tensor_rows
+
+    tensor = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float32).reshape(shape)
+    stream = StreamTensor("t", shape, torch.float32, tensor_rows(tensor))
+    blocks = list(stream.rows(row_unit))
+    assert [(start, stop) for start, stop, _ in blocks] == expected
+    assert torch.equal(torch.cat([rows for _, _, rows in blocks]), tensor.reshape(-1) if len(shape) == 1 else tensor)
