@@ -11,7 +11,6 @@ replacements).
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,14 +154,15 @@ def _open_weights(folder: Path, allow_pickle: bool) -> tuple[Path, Any]:
             # weights_only refuses anything but tensors and plain containers even when the user allowed pickles.
             tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several unrelated types for a bad pickle
-            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-                found = next((line.strip().split(". Please")[0].removeprefix("WeightsUnpickler error: ")
-                              for line in str(e).splitlines() if "Unsupported global" in line), "")
+            # torch's message is a page long; the line that says what it met is the one worth showing.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = next((line.removeprefix("WeightsUnpickler error: ").split(". Please")[0] for line in lines
+                           if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+            if detail.startswith("Unsupported global"):
                 raise InputError(str(bin_path), "holds objects other than tensors, which lora-export never unpickles "
-                                 f"(torch's weights_only loader refused it{': ' + found if found else ''}).",
+                                 f"(torch's weights_only loader refused it: {detail}).",
                                  "re-save the adapter's tensors as safetensors.") from e
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(str(bin_path), f"cannot be loaded ({first_line}).", "re-save the adapter.") from e
+            raise InputError(str(bin_path), f"cannot be loaded ({detail}).", "re-save the adapter.") from e
         return bin_path, tensors
     raise InputError(str(folder), f"holds neither {SAFETENSORS_NAME} nor {PICKLE_NAME}.",
                      "point --adapter at the folder written by PEFT's save_pretrained.")

@@ -129,6 +129,15 @@ class NotATensor:
     would make unpickling run code; this class is only importable, which is enough for the check)."""
 
 
+def test_a_pickle_that_is_not_one_is_refused_in_one_line(good, tmp_path):
+    base, adapter = good
+    adapter = copy_adapter(adapter, tmp_path)
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x02garbage, not a pickle")
+    assert_clean_failure(run_cli(base, adapter, tmp_path / "out", "--allow-pickle"), tmp_path / "out",
+                         "adapter_model.bin: cannot be loaded (", "Fix: re-save the adapter.")
+
+
 def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path):
     from exporter.adapter import load_adapter
     from exporter.reference import read_adapter_terms
@@ -139,7 +148,9 @@ def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path)
     (adapter / "adapter_model.safetensors").unlink()
     torch.save({**tensors, "extra": NotATensor()}, adapter / "adapter_model.bin")
     assert_clean_failure(run_cli(base, adapter, tmp_path / "out", "--allow-pickle"), tmp_path / "out",
-                         "adapter_model.bin")
+                         "adapter_model.bin: holds objects other than tensors, which lora-export never unpickles",
+                         "Unsupported global: GLOBAL test_bad_input.NotATensor was not an allowed global by default)",
+                         "Fix: re-save the adapter's tensors as safetensors.")
     # The library's defaults refuse a pickle outright, and its readers (the merge's and parity's) load tensors only.
     with pytest.raises(Exception, match="allow-pickle|allow_pickle"):
         load_adapter(adapter)

@@ -58,6 +58,7 @@ BF16_FLOOR_FACTOR = 2.0  # a bf16 merge may cost at most twice the KL that round
 # costs on the same probes, run the same way (measured: the merge costs about as much as the floor itself).
 BF16_MAX_MISROUNDED = 1e-5  # share of merged bf16 values that are not PEFT's fp32 merge rounded to bf16 (measured 0)
 GGUF_MAX_KL = {"f16": 5e-5, "q8_0": 2e-2}  # measured 5.6e-6 and 6.5e-3 on the text probes (tolerances 1e-2, 5e-2)
+GGUF_LORA_MAX_KL = 1e-5  # measured 7.8e-7 (the merged gguf:f32 beside it: 6.9e-7); ggml's own kernels dominate
 
 @dataclass
 class GemmaCase:
@@ -393,11 +394,10 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
     assert checked >= 4  # at least two prompts per type had a decisive continuation to compare
 
 
-
 @pytest.mark.slow
 def test_gguf_lora_applied_by_llama_cpp_behaves_like_the_unmerged_model(gemma, tmp_path):
     """The adapter itself as a GGUF LoRA, applied by llama.cpp (--lora) to an f32 GGUF of the base: parity against
-    the unmerged reference, and the same logits as the merged F32 GGUF within llama.cpp's own noise."""
+    the unmerged reference, as close to it as the merged F32 GGUF run beside it."""
     ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=tmp_path / "lora",
                                   formats=("gguf-lora", "gguf:f32"), progress=False))
     parity = {a.format: a.parity for a in ctx.artifacts}
@@ -405,9 +405,11 @@ def test_gguf_lora_applied_by_llama_cpp_behaves_like_the_unmerged_model(gemma, t
         print(f"\n[{name}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 {p['top1']:.4f}, decisive "
               f"{p['top1_decisive']:.4f} of {p['decisive_positions']}, effect kept {p['adapter_effect_kept']:.4f}")
         assert p["passed"], p
-    # Measured: KL ≈ GGUF_LORA_KL for both (ggml's GELU table dominates); the adapter's whole effect is kept.
+    # Applying the adapter at run time costs no more than merging it: both sit at llama.cpp's own noise floor.
     assert parity["gguf-lora"]["kl"] <= GGUF_LORA_MAX_KL and parity["gguf-lora"]["adapter_effect_kept"] >= 0.999
+    assert parity["gguf-lora"]["kl"] <= 3 * parity["gguf"]["kl"] + 1e-7, parity
     assert parity["gguf-lora"]["top1_decisive"] == 1.0
+
 
 @pytest.mark.slow
 def test_qlora_on_gemma_nf4_every_artifact(gemma, tmp_path):

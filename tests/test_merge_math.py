@@ -91,11 +91,12 @@ def test_a_product_that_overflows_float32_is_refused(sign):
             pass
 
 
-@pytest.mark.parametrize("shape", [(10, 6), (6, 10)])  # more rows than columns, and fewer
-def test_dora_blocks_rescale_each_row_to_its_magnitude(shape):
+@pytest.mark.parametrize("shape, weight_scale", [((10, 6), 1.0), ((6, 10), 1.0), ((10, 6), 1e-2)])  # ‖W‖ < 1 last
+def test_dora_blocks_rescale_each_row_to_its_magnitude(shape, weight_scale):
     """DoRA (PEFT's formula): W' = m / ‖W + s·B@A‖_row ⊙ (W + s·B@A), yielded in blocks like the plain merge."""
     out_features, in_features = shape
     w, a, b = _pair(out_features, in_features, delta=0.3)
+    w = w * weight_scale
     magnitude = torch.rand(out_features, generator=torch.Generator().manual_seed(5)) + 0.5
     combined = w.double() + 0.5 * (b.double() @ a.double())
     expected = magnitude.double().unsqueeze(1) * combined / combined.norm(dim=1, keepdim=True)

@@ -95,3 +95,63 @@ def test_data_section_takes_any_order_and_refuses_wrong_sizes_and_gaps(tmp_path)
     unfinished.write(first, np.zeros(256, np.uint8))
     with pytest.raises(AssertionError, match="1 planned tensors were never written completely, second.weight first"):
         unfinished.finish()
+
+
+def test_heads_wider_than_hidden_over_heads_stay_whole_across_blocks(tmp_path):
+    """head_dim × heads ≠ hidden (Qwen3, Gemma): blocks must hold whole heads of Q and K, counted from their rows."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path / "wide-heads"
+    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    write_gguf(folder, tmp_path / "model.gguf", "f32", block_values=1500)  # ~23 rows a block: under one 32-row head
+    hf = load_file(folder / "model.safetensors")
+    stored = {t.name: np.asarray(t.data) for t in GGUFReader(tmp_path / "model.gguf").tensors}
+    for proj, gguf_name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):
+        expected = llama_cpp_permute(hf[f"model.layers.0.self_attn.{proj}.weight"].numpy(), heads)
+        assert np.array_equal(stored[f"blk.0.{gguf_name}.weight"], expected), proj
+
+
+def test_f16_keeps_its_largest_values_and_refuses_what_would_become_inf(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from converters.gguf.writer import GGUFExportError
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    for name, edge in (("edge", 65504.0), ("beyond", 65520.0)):
+        folder = tmp_path / name
+        build_tokenizer(folder, vocab_size=128, family="llama-bpe")
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[3, :2] = torch.tensor([edge, -edge])
+        model.save_pretrained(folder)
+        if name == "edge":
+            write_gguf(folder, tmp_path / "edge.gguf", "f16")
+            row = next(t for t in GGUFReader(tmp_path / "edge.gguf").tensors if t.name == "blk.0.ffn_down.weight")
+            assert np.asarray(row.data)[3, :2].tolist() == [65504.0, -65504.0]
+        else:
+            with pytest.raises(GGUFExportError, match="model.layers.0.mlp.down_proj.weight has values beyond"):
+                write_gguf(folder, tmp_path / "beyond.gguf", "f16")
+            write_gguf(folder, tmp_path / "beyond.gguf", "bf16")  # a type that holds it
+
+
+def test_an_absent_tie_setting_means_tied_as_in_transformers():
+    """Gemma 2's llama.cpp graph always reads the token embedding as the output head; a config without
+    tie_word_embeddings is tied (transformers' default), so an lm_head.weight beside it is no reason to refuse."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from converters.gguf.writer import GGUFPlan
+
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16)
+    with torch.device("meta"):
+        shapes = [(n, tuple(p.shape)) for n, p in Gemma2ForCausalLM(config).named_parameters()]
+    as_dict = {k: v for k, v in config.to_dict().items() if k != "tie_word_embeddings"}
+    as_dict["architectures"] = ["Gemma2ForCausalLM"]
+    GGUFPlan(as_dict, shapes + [("lm_head.weight", (128, 64))], "f16")  # no error
+    with pytest.raises(ValueError, match="always uses the token embedding"):
+        GGUFPlan({**as_dict, "tie_word_embeddings": False}, shapes + [("lm_head.weight", (128, 64))], "f16")
