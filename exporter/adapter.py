@@ -157,7 +157,7 @@ def _open_weights(folder: Path, allow_pickle: bool) -> tuple[Path, Any]:
             # torch's message is a page long; the line that says what it met is the one worth showing.
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = next((line.removeprefix("WeightsUnpickler error: ").split(". Please")[0] for line in lines
-                           if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+                           if "Unsupported" in line), lines[0] if lines else f"{type(e).__name__}: it ends early")
             if detail.startswith("Unsupported global"):
                 raise InputError(str(bin_path), "holds objects other than tensors, which lora-export never unpickles "
                                  f"(torch's weights_only loader refused it: {detail}).",

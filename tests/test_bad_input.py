@@ -129,13 +129,27 @@ class NotATensor:
     would make unpickling run code; this class is only importable, which is enough for the check)."""
 
 
-def test_a_pickle_that_is_not_one_is_refused_in_one_line(good, tmp_path):
+@pytest.mark.parametrize("damage, detail", [
+    ("garbage", "(Unsupported operand 103)."),
+    ("truncated", "(PytorchStreamReader failed reading zip archive: failed finding central directory."),
+    ("empty", "(EOFError: it ends early)."),
+])
+def test_a_pickle_that_is_not_one_is_refused_in_one_line(good, tmp_path, damage, detail):
+    """torch's messages run to a paragraph: the one line saying what it met is kept."""
     base, adapter = good
     adapter = copy_adapter(adapter, tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
     (adapter / "adapter_model.safetensors").unlink()
-    (adapter / "adapter_model.bin").write_bytes(b"\x80\x02garbage, not a pickle")
+    target = adapter / "adapter_model.bin"
+    if damage == "garbage":
+        target.write_bytes(b"\x80\x02garbage, not a pickle")
+    elif damage == "truncated":
+        torch.save(tensors, target)
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.write_bytes(b"")
     assert_clean_failure(run_cli(base, adapter, tmp_path / "out", "--allow-pickle"), tmp_path / "out",
-                         "adapter_model.bin: cannot be loaded (", "Fix: re-save the adapter.")
+                         f"adapter_model.bin: cannot be loaded {detail}", "Fix: re-save the adapter.")
 
 
 def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path):

@@ -26,6 +26,8 @@ def arch_config(arch: str):
 
     if arch == "llama":
         return LlamaConfig(**SMALL, tie_word_embeddings=False)
+    if arch == "llama3-rope":  # Llama 3.x frequency scaling (a rope_freqs tensor); a short original context scales most
+        return LlamaConfig(**SMALL, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
     if arch == "mistral":
         return MistralConfig(**SMALL, tie_word_embeddings=False, sliding_window=None)
     if arch == "qwen2":
@@ -43,9 +45,11 @@ def arch_config(arch: str):
     raise ValueError(arch)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAMILY = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+FAMILY = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "llama3-rope": "llama-bpe"}
 
 
 def tiny_base(folder, arch: str):
@@ -89,7 +93,7 @@ def peft_unmerged_logits_ggml_gelu(base, adapter, ids: list[int]) -> torch.Tenso
     return PeftModel.from_pretrained(model, adapter).eval()(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_every_architecture_runs_in_llama_cpp_like_the_unmerged_model(tmp_path, arch):
     base = tiny_base(tmp_path / "base", arch)
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8,
@@ -340,6 +344,19 @@ def test_sentencepiece_tokenizers_tokenize_like_sentencepiece(tmp_path, keep_mod
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-F32.gguf"), vocab_only=True, verbose=False)
     for text in ["The capital of France is Paris.", "Once upon a time, Über naïve ☃ 42"]:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
+    # SentencePiece's normalizer settings travel as metadata (llama.cpp's defaults would hide a missing key here:
+    # Gemma's add_dummy_prefix is off). tokenizer.json does not carry remove_extra_whitespaces: absent then.
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2
+
+    normalizer = sentencepiece_model_pb2.ModelProto.FromString(model_file.read_bytes()).normalizer_spec
+    fields = GGUFReader(tmp_path / "out" / "model-F32.gguf").fields
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) == normalizer.add_dummy_prefix
+    if keep_model_file:
+        assert bool(fields["tokenizer.ggml.remove_extra_whitespaces"].parts[-1][0]) == \
+            normalizer.remove_extra_whitespaces
+    else:
+        assert "tokenizer.ggml.remove_extra_whitespaces" not in fields
     # SentencePiece itself collapses whitespace runs; transformers and llama.cpp both keep them, and users compare
     # with transformers. (Known, not fixed: text that *starts* with spaces gets one more "▁" in llama.cpp.)
     from transformers import AutoTokenizer

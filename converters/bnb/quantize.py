@@ -51,7 +51,7 @@ def quantize_4bit(module: str, weight: torch.Tensor, *, model_dtype: torch.dtype
     return out
 
 
-def quantize_int8(module: str, weight: torch.Tensor, *, model_dtype: torch.dtype, conv1d: bool = False,
+def quantize_int8(module: str, weight: torch.Tensor, *, model_dtype: torch.dtype, conv1d: bool,
                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors ("<module>.weight" int8, "<module>.SCB", "<module>.weight_format") of one Linear
     quantized as transformers does with BitsAndBytesConfig(load_in_8bit=True)."""

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,9 +212,10 @@ class GGUFStreamWriter:
     """One GGUF file written from a tensor stream (a TensorWriter, see converters/tensor_stream.py): the header now,
     each planned tensor as it arrives, the file renamed into place by ``close``."""
 
-    def __init__(self, target: Path, plan: GGUFPlan, vocab: Vocab, *, metadata: dict[str, str] | None = None,
-                 name: str | None = None, check_range: bool = True) -> None:
-        """``check_range``: refuse values an F16 file would store as Inf (a ValueError naming the tensor)."""
+    def __init__(self, target: Path, plan: GGUFPlan, vocab: Vocab, *, name: str,
+                 metadata: dict[str, str] | None = None, check_range: bool = True) -> None:
+        """``name``: general.name, what llama.cpp and Ollama show. ``check_range``: refuse values an F16 file would
+        store as Inf (a ValueError naming the tensor)."""
         self.target, self.plan, self.check_range = Path(target), plan, check_range
         kquant = plan.gguf_type is not plan.written_type
         self.partial = self.target.with_name(f".{self.target.name}.{'f32' if kquant else 'partial'}-{os.getpid()}")
@@ -222,7 +223,7 @@ class GGUFStreamWriter:
         self.notes = list(vocab.notes)
         self._writer = BulkArrayGGUFWriter(self.partial, plan.spec.name)
         try:
-            self._write_header(vocab, metadata or {}, name or str(plan.config.get("_name_or_path") or "model"))
+            self._write_header(vocab, metadata or {}, name)
         except BaseException:
             self.abort()
             raise
@@ -307,8 +308,8 @@ def _shards(folder: Path) -> list[SafetensorsFile]:
 
 
 def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: dict[str, str] | None = None,
-               pre_tokenizer: str | None = None, on_bytes: Callable[[int], None] | None = None,
-               block_values: int = BLOCK_VALUES, workers: int | None = None) -> GGUFResult:
+               pre_tokenizer: str | None = None, block_values: int = BLOCK_VALUES,
+               workers: int | None = None) -> GGUFResult:
     """Convert the HF model in ``folder`` (config.json, *.safetensors, tokenizer) to ``target``, streaming tensor by
     tensor. ``metadata`` adds string keys (provenance)."""
     config = json.loads((Path(folder) / "config.json").read_text())
@@ -320,9 +321,7 @@ def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: 
         writer = GGUFStreamWriter(target, plan, vocab, metadata=metadata, name=str(config.get("_name_or_path")
                                                                                  or Path(folder).name))
         try:
-            pump(tensors, [writer], workers or default_workers(),
-                 on_written=None if on_bytes is None else lambda t: on_bytes(t.numel * t.dtype.itemsize),
-                 block_values=block_values)
+            pump(tensors, [writer], workers or default_workers(), block_values=block_values)
         except BaseException:
             writer.abort()
             raise

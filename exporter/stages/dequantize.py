@@ -110,7 +110,8 @@ class DequantizeStage:
                                      blocksize=state.blocksize)
                 compared = (entry.keys["weight"], entry.keys["absmax"])
             else:
-                ours = quantize_int8(module, weight, model_dtype=original.info(tensor.name).torch_dtype)
+                ours = quantize_int8(module, weight, model_dtype=original.info(tensor.name).torch_dtype,
+                                     conv1d=False)  # quantized Conv1D bases are refused above
                 compared = (entry.keys["weight"], entry.keys["SCB"])
             original.release(tensor.name)
             for key in compared:

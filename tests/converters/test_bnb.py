@@ -153,12 +153,12 @@ def test_int8_dequantize_matches_transformers(built, case):
 def test_requantize_reproduces_transformers_checkpoint(built, case):
     b = built(case)
     _, _, kwargs = CASES[case]
-    ours_config = quantization_config(
-        8 if kwargs.get("load_in_8bit") else 4, quant_type=kwargs.get("bnb_4bit_quant_type", "fp4"),
-        double_quant=kwargs.get("bnb_4bit_use_double_quant", False),
-        compute_dtype=kwargs.get("bnb_4bit_compute_dtype", FP32),
-        quant_storage=kwargs.get("bnb_4bit_quant_storage", torch.uint8),
-        skip_modules=kwargs.get("llm_int8_skip_modules"))
+    # Only what the case gives BitsAndBytesConfig: our defaults must be transformers' defaults.
+    ours_names = {"bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+                  "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
+                  "llm_int8_skip_modules": "skip_modules"}
+    ours_config = quantization_config(8 if kwargs.get("load_in_8bit") else 4,
+                                      **{ours_names[k]: v for k, v in kwargs.items() if k in ours_names})
     assert ours_config == b.config
     parsed = parse_quantization_config(b.config)
 

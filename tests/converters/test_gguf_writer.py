@@ -67,6 +67,17 @@ def test_block_size_and_workers_do_not_change_the_file(tmp_path, bf16_llama):
     assert (tmp_path / "one-block-per-tensor.gguf").read_bytes() == (tmp_path / "many-blocks.gguf").read_bytes()
 
 
+def test_short_writes_are_continued_where_they_stopped(tmp_path, bf16_llama, monkeypatch):
+    """os.pwrite may write less than asked (a signal, a network file system): the rest goes after what was written."""
+    import converters.gguf.writer as writer_module
+
+    write_gguf(bf16_llama, tmp_path / "whole.gguf", "q8_0")
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(writer_module.os, "pwrite", lambda fd, data, at: real_pwrite(fd, bytes(data[:1000]), at))
+    write_gguf(bf16_llama, tmp_path / "short.gguf", "q8_0")
+    assert (tmp_path / "short.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
 def test_data_section_takes_any_order_and_refuses_wrong_sizes_and_gaps(tmp_path):
     from converters.gguf.writer import GGUFResult, _DataSection, _PlannedTensor
 
@@ -122,12 +133,13 @@ def test_f16_keeps_its_largest_values_and_refuses_what_would_become_inf(tmp_path
 
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    for name, edge in (("edge", 65504.0), ("beyond", 65520.0)):
+    # The edge as the largest and the smallest value; beyond it on one side only (the other side in range).
+    for name, pair in (("edge", [65504.0, -65504.0]), ("beyond", [65520.0, -1.0])):
         folder = tmp_path / name
         build_tokenizer(folder, vocab_size=128, family="llama-bpe")
         model = AutoModelForCausalLM.from_config(config)
         with torch.no_grad():
-            model.model.layers[0].mlp.down_proj.weight[3, :2] = torch.tensor([edge, -edge])
+            model.model.layers[0].mlp.down_proj.weight[3, :2] = torch.tensor(pair)
         model.save_pretrained(folder)
         if name == "edge":
             write_gguf(folder, tmp_path / "edge.gguf", "f16")
@@ -155,3 +167,30 @@ def test_an_absent_tie_setting_means_tied_as_in_transformers():
     GGUFPlan(as_dict, shapes + [("lm_head.weight", (128, 64))], "f16")  # no error
     with pytest.raises(ValueError, match="always uses the token embedding"):
         GGUFPlan({**as_dict, "tie_word_embeddings": False}, shapes + [("lm_head.weight", (128, 64))], "f16")
+
+
+def test_llama3_frequency_scaling_is_the_rope_freqs_tensor_transformers_implies(tmp_path):
+    """Llama 3.x rope scaling reaches llama.cpp as rope_freqs: per frequency, the unscaled inverse frequency over the
+    one transformers' llama3 rope computes (tests/test_gguf.py runs such a model in llama.cpp)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_parameters=rope)
+    folder = tmp_path / "llama3"
+    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    write_gguf(folder, tmp_path / "model.gguf", "f16")
+    reader = GGUFReader(tmp_path / "model.gguf")
+    stored = {t.name: t for t in reader.tensors}
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    unscaled = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    assert stored["rope_freqs.weight"].tensor_type == QT.F32
+    np.testing.assert_allclose(np.asarray(stored["rope_freqs.weight"].data), (unscaled / scaled.double()).numpy(),
+                               rtol=1e-5)
+    assert len(set(np.asarray(stored["rope_freqs.weight"].data).tolist())) == 3  # unscaled, smoothed and scaled
+    # The model's name: the config's _name_or_path, else the folder's name.
+    name = reader.fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == "llama3"
