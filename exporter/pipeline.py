@@ -1,8 +1,8 @@
 """The pipeline: a Stage protocol, the stage registry, and the runner.
 
-Stages run in order (load → dequantize → merge → export → parity by default). Each stage has a ``run`` over the shared context
-and a ``check`` of its own output; the runner times them, stops at the first failure, and only when every stage has
-passed moves the staged outputs into place. Third-party stages register through the entry-point group
+Stages run in order (load → dequantize → merge → export → parity by default). Each stage has a ``run`` over the
+shared context and a ``check`` of its own output; the runner times them, stops at the first failure, and only when
+every stage has passed moves the staged outputs into place. Third-party stages register through the entry-point group
 ``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
 """
 

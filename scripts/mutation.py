@@ -1,6 +1,6 @@
 """Mutation testing of the core modules: would the fast tests notice if this code were wrong?
 
-    .venv/bin/python scripts/mutation.py                 # every target module (about 20 minutes on 2 cores)
+    .venv/bin/python scripts/mutation.py                 # every target module (about 15 minutes on 2 cores)
     .venv/bin/python scripts/mutation.py exporter/merge_math.py --limit 20
 
 Each mutant changes one thing in one target module: an arithmetic or comparison operator, `and`/`or`, a `not` or a
