@@ -34,8 +34,13 @@ def slow_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return base, adapter
 
 
+# Ctrl-C as in a terminal: a shell or CI runner that starts the suite in the background ignores SIGINT, children
+# inherit that, and Python then never turns SIGINT into KeyboardInterrupt (the run would just finish).
+_TERMINAL_SIGINT = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)"
+
+
 def start(base: Path, adapter: Path, out: Path, *extra: str, prelude: str = "") -> subprocess.Popen:
-    code = f"{prelude}\nfrom exporter.cli import main\nmain()"
+    code = f"{_TERMINAL_SIGINT}\n{prelude}\nfrom exporter.cli import main\nmain()"
     return subprocess.Popen([sys.executable, "-c", code, "-q", "run", "--base", str(base), "--adapter", str(adapter),
                              "--out", str(out), "--no-progress", "--to", "safetensors", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
