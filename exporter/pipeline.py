@@ -2,8 +2,8 @@
 
 Stages run in order (load → dequantize → merge → export → parity by default). Each stage has a ``run`` over the
 shared context and a ``check`` of its own output; the runner times them, stops at the first failure, and only when
-every stage has passed moves the staged outputs into place. Third-party stages register through the entry-point group
-``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
+every stage has passed moves the staged outputs into place. Third-party stages register through the entry-point
+group ``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
 """
 
 from __future__ import annotations

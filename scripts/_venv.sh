@@ -13,8 +13,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)$EXTRAS"
 if [ ! -f "$stamp" ]; then
-  # llama-cpp-python (test extra) compiles llama.cpp: portable flags, no tests or examples (about 3 minutes on 2 cores;
-  # pip caches the wheel, so later set-ups on the same machine take seconds).
+  # llama-cpp-python (test extra) compiles llama.cpp: portable flags, no tests or examples (about 3 minutes on
+  # 2 cores; pip caches the wheel, so later set-ups on the same machine take seconds).
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
   "$VENV/bin/pip" install -q -e "$ROOT$EXTRAS" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import exporter, torch, transformers" 
