@@ -33,7 +33,7 @@ from pathlib import Path
 SELF = str(Path(__file__).resolve())
 ROOT = Path(SELF).parent.parent
 sys.path.insert(0, str(Path(SELF).parent))
-from bench_merge import ENV, measure, warm  # noqa: E402  (the same measuring method for every benchmark)
+from bench_merge import ENV, measure, run_script, warm  # noqa: E402  (the same measuring method for every benchmark)
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 TARGETS = {"chain/gguf:f16 time": (">=", 4.0), "gguf:f16/chain peak RSS": ("<=", 0.5),
@@ -215,10 +215,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    children = {"_build_llama": child_build_llama, "_build_gemma": child_build_gemma, "_copy": child_copy,
-                "_peft": child_peft}
-    if len(sys.argv) > 1 and sys.argv[1] in children:
-        children[sys.argv[1]](*sys.argv[2:])
-    else:
-        main()
+    run_script({"_build_llama": child_build_llama, "_build_gemma": child_build_gemma, "_copy": child_copy,
+                "_peft": child_peft}, main)

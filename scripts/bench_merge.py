@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -90,8 +91,27 @@ def child_extract(folder: str, dest: str, *names: str) -> None:
     save_file(tensors, dest)
 
 
-def child(*args: str) -> None:
-    subprocess.run([sys.executable, SELF, *args], env=ENV, cwd=ROOT, check=True)
+def child(*args: str, script: str = SELF) -> None:
+    subprocess.run([sys.executable, script, *args], env=ENV, cwd=ROOT, check=True)
+
+
+def build_once(script: str, folder: Path, size_gb: float, meta: Path) -> None:
+    """``script _build folder size_gb`` in its own process, unless ``meta`` (the bench_meta.json a build writes last)
+    says ``folder`` already holds a model of that size."""
+    if meta.is_file() and json.loads(meta.read_text())["size_gb"] == size_gb:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    child("_build", str(folder), str(size_gb), script=script)
+
+
+def run_script(children: dict[str, Callable[..., None]], main: Callable[[], None]) -> None:
+    """A benchmark script's entry: ``script _name args…`` runs one child step in this process, anything else main()."""
+    sys.path.insert(0, str(ROOT))
+    if len(sys.argv) > 1 and sys.argv[1] in children:
+        children[sys.argv[1]](*sys.argv[2:])
+    else:
+        main()
 
 
 def warm(*folders: Path) -> None:
@@ -222,9 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    children = {"_build": child_build, "_copy": child_copy, "_peft": child_peft, "_extract": child_extract}
-    if len(sys.argv) > 1 and sys.argv[1] in children:
-        children[sys.argv[1]](*sys.argv[2:])
-    else:
-        main()
+    run_script({"_build": child_build, "_copy": child_copy, "_peft": child_peft, "_extract": child_extract}, main)

@@ -23,7 +23,7 @@ from pathlib import Path
 SELF = str(Path(__file__).resolve())
 ROOT = Path(SELF).parent.parent
 sys.path.insert(0, str(Path(SELF).parent))
-from bench_merge import ENV, measure, warm  # noqa: E402
+from bench_merge import ENV, build_once, measure, run_script, warm  # noqa: E402
 
 
 def child_build(folder: str, size_gb: str) -> None:
@@ -73,11 +73,7 @@ def main() -> None:
     sizes = [float(s) for s in args.sizes.split(",")]
     for size in sizes:
         folder = workdir / f"llama-{size:g}"
-        meta = folder / "base" / "bench_meta.json"
-        if not (meta.is_file() and json.loads(meta.read_text())["size_gb"] == size):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            subprocess.run([sys.executable, SELF, "_build", str(folder), str(size)], env=ENV, cwd=ROOT, check=True)
+        build_once(SELF, folder, size, folder / "base" / "bench_meta.json")
         rows = {}
         for name, to in (("safetensors", "safetensors"), ("onnx:fp16", "onnx:fp16")):
             out = folder / f"out-{name.replace(':', '-')}"
@@ -116,9 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    children = {"_build": child_build, "_decode": child_decode}
-    if len(sys.argv) > 1 and sys.argv[1] in children:
-        children[sys.argv[1]](*sys.argv[2:])
-    else:
-        main()
+    run_script({"_build": child_build, "_decode": child_decode}, main)

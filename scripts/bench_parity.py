@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 SELF = str(Path(__file__).resolve())
-ROOT = Path(SELF).parent.parent
 sys.path.insert(0, str(Path(SELF).parent))
-from bench_merge import ENV, HIDDEN, INTER, KV_HEADS, HEADS, VOCAB, measure, warm  # noqa: E402
+from bench_merge import HIDDEN, INTER, KV_HEADS, HEADS, VOCAB, build_once, measure, run_script, warm  # noqa: E402
 
 # Llama 3 70B's shape, for the estimate.
 L70 = {"layers": 80, "hidden": 8192, "inter": 28672, "heads": 64, "kv_heads": 8, "vocab": 128256}
@@ -55,11 +53,7 @@ def main() -> None:
     models = {}
     for size in (small_gb, large_gb):
         folder = workdir / f"llama-{size:g}"
-        meta = folder / "base" / "bench_meta.json"
-        if not (meta.is_file() and json.loads(meta.read_text())["size_gb"] == size):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            subprocess.run([sys.executable, SELF, "_build", str(folder), str(size)], env=ENV, cwd=ROOT, check=True)
+        build_once(SELF, folder, size, folder / "base" / "bench_meta.json")
         models[size] = folder
 
     def case(name: str, size: float, *extra: str) -> dict:
@@ -132,8 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    if len(sys.argv) > 1 and sys.argv[1] == "_build":
-        child_build(*sys.argv[2:])
-    else:
-        main()
+    run_script({"_build": child_build}, main)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 SELF = str(Path(__file__).resolve())
-ROOT = Path(SELF).parent.parent
 sys.path.insert(0, str(Path(SELF).parent))
-from bench_merge import ENV, measure, warm  # noqa: E402
+from bench_merge import build_once, measure, run_script, warm  # noqa: E402
 
 TARGETS = {"usual/lora-export time": (">=", 3.0), "lora-export/usual peak RSS": ("<=", 0.25),
            "lora-export peak RSS larger/smaller": ("<=", 1.2)}
@@ -66,11 +64,7 @@ def main() -> None:
     results = {}
     for size in (float(s) for s in args.sizes.split(",")):
         folder = workdir / f"llama-{size:g}"
-        meta = folder / "nf4" / "bench_meta.json"
-        if not (meta.is_file() and json.loads(meta.read_text())["size_gb"] == size):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            subprocess.run([sys.executable, SELF, "_build", str(folder), str(size)], env=ENV, cwd=ROOT, check=True)
+        build_once(SELF, folder, size, folder / "nf4" / "bench_meta.json")
         base, adapter = folder / "nf4", folder / "adapter"
         rows = {}
         for name, cmd in (
@@ -103,9 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    children = {"_build": child_build, "_usual": child_usual}
-    if len(sys.argv) > 1 and sys.argv[1] in children:
-        children[sys.argv[1]](*sys.argv[2:])
-    else:
-        main()
+    run_script({"_build": child_build, "_usual": child_usual}, main)
