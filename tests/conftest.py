@@ -52,6 +52,25 @@ def build_tiny_base(folder: Path, arch: str = "llama", *, dtype: torch.dtype = t
     return folder
 
 
+# The 64-wide llama the GGUF, one-pass and quantization tests start from: 16-row heads (llama.cpp's Q/K permutation
+# moves rows), room for K-quant-free block types, and a tokenizer llama.cpp recognises (llama-bpe).
+LLAMA_64 = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+
+
+def build_bf16_llama(folder: Path) -> Path:
+    """A bf16 llama of LLAMA_64's shape (seed 0, untied head) with its tokenizer: a base as users have one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from exporter.demo import build_tokenizer
+
+    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_64, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def build_peft_adapter(folder: Path, base: Path, *, seed: int = 1, perturb_magnitude: bool = True,
                        resize_vocab_to: int | None = None, **lora_kwargs) -> Path:
     """A PEFT adapter with random A and B (and DoRA magnitudes nudged away from their init)."""

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_peft_adapter, peft_unmerged_logits, run_export
+from conftest import LLAMA_64, build_peft_adapter, peft_unmerged_logits, run_export
 from exporter.demo import build_tokenizer
 from exporter.errors import ExportError
 
 import llama_cpp  # noqa: E402  (installed by scripts/test: a missing runtime must fail, not skip)
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+SMALL = LLAMA_64  # every architecture at the shared bf16 llama's shape
 
 
 def arch_config(arch: str):
@@ -400,14 +399,10 @@ def test_gguf_pre_names_an_unrecognised_pre_tokenizer(tmp_path):
 @pytest.fixture(scope="module")
 def bf16_trained(tmp_path_factory):
     """What users bring: a bf16 base with its tokenizer and a PEFT adapter trained a few steps on it."""
-    from conftest import train_adapter
-    from transformers import AutoModelForCausalLM
+    from conftest import build_bf16_llama, train_adapter
 
     root = tmp_path_factory.mktemp("bf16-trained")
-    base = root / "base"
-    build_tokenizer(base, vocab_size=128, family="llama-bpe")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(arch_config("llama")).to(torch.bfloat16).save_pretrained(base)
+    base = build_bf16_llama(root / "base")
     adapter = train_adapter(root / "adapter", base, r=8, lora_alpha=16, use_rslora=True, tokenizer=True,
                             target_modules=DEFAULT_TARGETS, rank_pattern={"down_proj": 4})
     return base, adapter

@@ -20,9 +20,8 @@ from click.testing import CliRunner
 from gguf import GGUFReader, quants as reference
 from gguf.constants import GGMLQuantizationType as QT
 
-from conftest import llama_cpp_permute, peft_merged_state, run_export, train_adapter
+from conftest import build_bf16_llama, llama_cpp_permute, peft_merged_state, run_export, train_adapter
 from exporter.cli import main
-from exporter.demo import build_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HEADS = {"q_proj": 4, "k_proj": 2}
@@ -33,16 +32,8 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 @pytest.fixture(scope="module")
 def bf16_case(tmp_path_factory):
     """A bf16 llama with its tokenizer and a PEFT adapter trained a few steps on it (rsLoRA, a rank pattern)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("one-pass")
-    base = root / "base"
-    build_tokenizer(base, vocab_size=128, family="llama-bpe")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base)
+    base = build_bf16_llama(root / "base")
     adapter = train_adapter(root / "adapter", base, r=8, lora_alpha=16, use_rslora=True, tokenizer=True,
                             target_modules=TARGETS, rank_pattern={"down_proj": 4})
     return base, adapter, peft_merged_state(base, adapter)

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import load_output, train_adapter
+from conftest import build_bf16_llama, load_output, train_adapter
 from exporter.cli import main
 
 import bitsandbytes  # noqa: E402,F401  (the test extra installs it: a missing install must fail, not skip)
@@ -42,25 +42,11 @@ def quantize_with_transformers(float_dir: Path, out: Path, **bnb_kwargs) -> Path
     return out
 
 
-def float_llama(folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from exporter.demo import build_tokenizer
-
-    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def qlora(tmp_path_factory):
     """{kind: (float base, quantized base, QLoRA adapter trained on the quantized base)}"""
     root = tmp_path_factory.mktemp("qlora")
-    float_dir = float_llama(root / "float")
+    float_dir = build_bf16_llama(root / "float")
     cases = {}
     for kind, kwargs in QUANTIZATIONS.items():
         quantized = quantize_with_transformers(float_dir, root / kind, **kwargs)

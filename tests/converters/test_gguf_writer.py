@@ -13,23 +13,14 @@ from gguf import GGUFReader, quants as reference
 from gguf.constants import GGMLQuantizationType as QT
 from safetensors.torch import load_file
 
-from conftest import llama_cpp_permute
+from conftest import build_bf16_llama, llama_cpp_permute
 from converters.gguf.writer import write_gguf
 from exporter.demo import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def bf16_llama(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("llama")
-    build_tokenizer(folder, vocab_size=128, family="llama-bpe")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return build_bf16_llama(tmp_path_factory.mktemp("llama") / "base")
 
 
 @pytest.mark.parametrize("type_name, qtype", [("f16", QT.F16), ("bf16", QT.BF16), ("q8_0", QT.Q8_0), ("q4_0", QT.Q4_0),
