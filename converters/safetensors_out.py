@@ -47,6 +47,16 @@ class FileSlice:
 Payload = Union[bytes, memoryview, FileSlice]
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, at: int) -> int:
+    """``data`` written at offset ``at`` of ``fd``, continuing after short writes (a signal, a network file system);
+    returns the offset after it."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return at
+
+
 def copy_file_slice(source: FileSlice, dest_fd: int, dest_offset: int) -> None:
     """The slice's bytes written at ``dest_offset`` of ``dest_fd``, by the kernel (copy_file_range) where it can."""
     with open(source.path, "rb") as src:
@@ -64,8 +74,8 @@ def copy_file_slice(source: FileSlice, dest_fd: int, dest_offset: int) -> None:
                 chunk = os.pread(src.fileno(), min(remaining, 64 * 2**20), offset)
                 if not chunk:
                     raise OSError(f"{source.path} ended before byte {source.offset + source.length}") from None
-                os.pwrite(dest_fd, chunk, at)
-                offset, at, remaining = offset + len(chunk), at + len(chunk), remaining - len(chunk)
+                at = pwrite_all(dest_fd, chunk, at)
+                offset, remaining = offset + len(chunk), remaining - len(chunk)
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -131,7 +141,6 @@ class ShardedWriter:
             raise
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.bytes_written = 0
 
     def _claim(self, name: str, offset: int, size: int) -> tuple[int, int]:
         if name not in self._place:
@@ -143,16 +152,13 @@ class ShardedWriter:
             self._written[name] = self._written.get(name, 0) + size
             if self._written[name] > nbytes:
                 raise ValueError(f"tensor {name!r}: {self._written[name]} bytes written, planned {nbytes}")
-            self.bytes_written += size
         return fd, base + offset
 
     def write_at(self, name: str, data: bytes | memoryview, offset: int = 0) -> None:
         """Bytes of a tensor, ``offset`` bytes into it (a block of its rows)."""
         view = memoryview(data).cast("B")
         fd, at = self._claim(name, offset, len(view))
-        while view:
-            n = os.pwrite(fd, view, at)
-            view, at = view[n:], at + n
+        pwrite_all(fd, view, at)
 
     def copy_from(self, name: str, source: FileSlice) -> None:
         """A whole tensor copied from another file as it is."""

@@ -60,9 +60,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
     """
     _validate_4bit(packed, absmax, quant_map, state, nested_absmax, nested_quant_map, name)
     device = torch.device(device) if device is not None else packed.device
-    n, blocks = state.numel, state.n_blocks
-    data = packed.detach().reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    need = -(-n // 2)
+    data = packed.detach().reshape(-1).view(torch.uint8)  # a no-op view for uint8 storage
+    need = -(-state.numel // 2)
     if state.nested:
         # bitsandbytes: dequantize_blockwise(absmax codes) in nested_dtype, `+= offset` (a float32 0-d tensor), then
         # .float(); the same torch ops give the same roundings.

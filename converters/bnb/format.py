@@ -32,7 +32,6 @@ INT8_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # bitsa
 INT8_ROW = 0
 
 DEFAULT_BLOCKSIZE = 64  # Params4bit's default; transformers never changes it
-NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) always uses 256 for the absmax codes
 
 # Names bitsandbytes writes for dtypes (`str(dtype).strip("torch.")`) and transformers for quant_storage.
 FLOAT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -138,10 +138,3 @@ def encode_rows(rows: torch.Tensor, qtype: QT, out: torch.Tensor | None = None) 
     packed = KERNELS[qtype](_as_float32(rows).reshape(-1, block_size))
     assert packed.shape[1] == type_size, (qtype, packed.shape)
     return packed.reshape(-1)
-
-
-def encode_rows_into(rows: torch.Tensor, qtype: QT, out: torch.Tensor) -> None:
-    """encode_rows, with the bytes written into ``out`` (a flat uint8 tensor of exactly their size)."""
-    encoded = encode_rows(rows, qtype, out=out)
-    if encoded.data_ptr() != out.data_ptr():  # a quantized block, or rows already in the target type
-        out.copy_(encoded)

@@ -25,11 +25,12 @@ from gguf.constants import GGMLQuantizationType as QT
 from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
     llama3_rope_factors, metadata_keys, rope_heads, transform
 from converters.gguf.bulk_writer import BulkArrayGGUFWriter
-from converters.gguf.quants import encode_rows_into
+from converters.gguf.quants import encode_rows
 from converters.gguf.types import GGUF_TYPES, GGUFType, byte_shape, tensor_type
 from converters.gguf.vocab import Vocab, load_vocab
 from converters.ordered_pool import default_workers
 from converters.safetensors_in import SafetensorsFile
+from converters.safetensors_out import pwrite_all
 from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, workspace
 
 F16_MAX = 65504.0
@@ -110,7 +111,7 @@ class _DataSection:
         offset = 0
         for entry in plan:
             self.place[id(entry)] = start + offset
-            offset += -(-entry.nbytes // alignment) * alignment  # GGUFWriter pads every tensor to the alignment
+            offset += gguf.GGUFWriter.ggml_pad(entry.nbytes, alignment)  # as GGUFWriter laid out the tensor infos
         self.end = start + offset
         self.plan = plan
         self.written: dict[int, int] = {}
@@ -128,10 +129,7 @@ class _DataSection:
             if self.written[id(entry)] > entry.nbytes:
                 raise AssertionError(f"{entry.gguf_name}: {self.written[id(entry)]} bytes written, planned "
                                      f"{entry.nbytes}")
-        at = self.place[id(entry)] + offset
-        while view:
-            n = os.pwrite(self.fd, view, at)
-            view, at = view[n:], at + n
+        pwrite_all(self.fd, view, self.place[id(entry)] + offset)
 
     def finish(self) -> None:
         unfinished = [e for e in self.plan if self.written.get(id(e), 0) != e.nbytes]
@@ -163,9 +161,10 @@ class _TensorEncoder:
                 raise GGUFExportError(f"tensor {self.entry.hf_name} has values beyond ±{F16_MAX:g}, which F16 stores as "
                                  "Inf; write gguf:bf16 or gguf:f32 instead")
         rows = transform(self.plan.spec, self.plan.hp, self.entry.hf_name, rows, total_rows=self.total_rows)
-        out = workspace(torch.uint8, (stop - start) * self.row_bytes, "gguf")
-        encode_rows_into(rows, self.entry.qtype, out)
-        self.section.write(self.entry, out.numpy(), start * self.row_bytes)
+        # Float types are cast into the reused buffer; quantized blocks (and rows already in the file's type) come
+        # back as their own tensor and are written from there, without a copy into the buffer.
+        data = encode_rows(rows, self.entry.qtype, out=workspace(torch.uint8, (stop - start) * self.row_bytes, "gguf"))
+        self.section.write(self.entry, data.cpu().numpy(), start * self.row_bytes)
 
     def finish(self) -> None:
         """Completeness is checked for every tensor at once when the file closes."""
@@ -231,7 +230,7 @@ class GGUFStreamWriter:
         handle = self._writer.fout[0]
         handle.flush()  # the header is in the file; tensors are written at their offsets from here on
         alignment = self._writer.data_alignment
-        start = -(-handle.tell() // alignment) * alignment
+        start = gguf.GGUFWriter.ggml_pad(handle.tell(), alignment)
         self._section = _DataSection(handle.fileno(), start, alignment, plan.order, self.result)
 
     def _write_header(self, vocab: Vocab, metadata: dict[str, str], name: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from converters.safetensors_format import DTYPE_NAMES
-from converters.safetensors_out import FileSlice, ShardedWriter, TensorSpec
+from converters.safetensors_out import FileSlice, ShardedWriter, TensorSpec, pwrite_all
 from converters.tensor_stream import Passthrough, StreamTensor
 from exporter.context import Artifact, Context
 from exporter.errors import InputError
@@ -93,11 +93,7 @@ class _Spill:
         with self.lock:
             offset = self.size
             self.size += len(data)
-        at = offset
-        while data:
-            n = os.pwrite(self.fd, data, at)
-            data, at = data[n:], at + n
-        return FileSlice(self.path, offset, at - offset)
+        return FileSlice(self.path, offset, pwrite_all(self.fd, data, offset) - offset)
 
     def close(self) -> None:
         """Idempotent: abort() may follow a close() (another sink failed), and a descriptor number closed twice
