@@ -163,12 +163,13 @@ class BaseModelTensors:
 
 
 def load_reference(base_path: Path, adapter_dir: Path | None, device: torch.device, allow_pickle: bool = False, *,
-                   mode: str = "whole", base_tensors: Any = None,
-                   on_module: Callable[[], None] | None = None) -> nn.Module:
+                   mode: str = "whole", base_tensors: Any = None, on_module: Callable[[], None] | None = None,
+                   model: nn.Module | None = None) -> nn.Module:
     """Base (float32) + adapter applied on the fly (``adapter_dir`` None: the base alone), weights loaded ``mode`` =
     "whole" or "streamed". The base's weights come from its safetensors checkpoint (read with the safetensors
-    library), or from ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). Never trusts remote code."""
-    model = skeleton(Path(base_path))
+    library), or from ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). ``model``: skeleton(base_path),
+    when the caller has built it already. Never trusts remote code."""
+    model = model if model is not None else skeleton(Path(base_path))
     sources = checkpoint_sources(model, base_tensors if base_tensors is not None
                                  else CheckpointTensors(Path(base_path)))
     if adapter_dir is not None:

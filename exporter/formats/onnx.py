@@ -24,8 +24,7 @@ import torch
 from converters.tensor_stream import StreamTensor
 from exporter.context import Artifact, Context
 from exporter.errors import InputError
-from exporter.formats.base import Format
-from exporter.merge_math import cast_rows
+from exporter.formats.base import Format, GatheredCast
 from exporter.model_files import copy_model_files, provenance
 from exporter.tolerances import Tolerance
 
@@ -42,24 +41,6 @@ def _split(variant: str) -> tuple[str, bool]:
 def _folder(ctx: Context, variant: str) -> str:
     several = sum(1 for r in ctx.formats if r.format.name == "onnx") > 1
     return f"onnx-{variant}" if several else "onnx"
-
-
-class _WeightEncoder:
-    """A weight gathered whole in the graph's dtype (the graph may transpose it), handed to the writer at the end."""
-
-    needs_rows = True
-
-    def __init__(self, sink: OnnxSink, tensor: StreamTensor) -> None:
-        self.sink, self.name = sink, tensor.name
-        self.out = torch.empty(tensor.shape, dtype=sink.dtype)
-        self.rows = self.out.reshape(-1) if self.out.dim() <= 1 else self.out
-
-    def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
-        cast_rows(self.rows[start:stop], rows, self.name, self.sink.ctx.plan.check_finite,
-                  fix="export onnx:fp32 instead.")
-
-    def finish(self) -> None:
-        self.sink.commit_in_order(self.name, self.sink.writer.prepare(self.name, self.out))
 
 
 class OnnxSink:
@@ -81,8 +62,12 @@ class OnnxSink:
     def row_unit(self, tensor: StreamTensor) -> int:
         return 1
 
-    def encoder(self, tensor: StreamTensor) -> _WeightEncoder | None:
-        return _WeightEncoder(self, tensor) if tensor.name in self.wanted and tensor.dtype.is_floating_point else None
+    def encoder(self, tensor: StreamTensor) -> GatheredCast | None:
+        """A weight gathered whole in the graph's dtype (the graph may transpose it), handed to the writer at the end."""
+        if tensor.name not in self.wanted or not tensor.dtype.is_floating_point:
+            return None
+        return GatheredCast(tensor, self.dtype, self.ctx.plan.check_finite, fix="export onnx:fp32 instead.",
+                            done=lambda out: self.commit_in_order(tensor.name, self.writer.prepare(tensor.name, out)))
 
     def commit_in_order(self, name: str, prepared: Any) -> None:
         with self.lock:
@@ -202,18 +187,24 @@ class OnnxFormat(Format):
     def open_sink(self, ctx: Context, variant: str | None) -> OnnxSink:
         return OnnxSink(ctx, variant)
 
+    @staticmethod
+    def _session_key(artifact: Artifact) -> str:
+        return f"onnx-session:{artifact.staged}"
+
     def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
-        """Each probe as a prefill from an empty past (or the plain graph), one at a time."""
-        session = _session(artifact.staged / "model.onnx")
+        """Each probe as a prefill from an empty past (or the plain graph), one at a time. The session is kept for
+        parity_checks, which the parity stage calls next: loading it reads every weight and optimises the graph."""
+        session = ctx.format_state[self._session_key(artifact)] = _session(artifact.staged / "model.onnx")
         return torch.cat([torch.from_numpy(_run(session, p.tolist(), None, len(p))[0]) for p in probes])
 
     def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
         """With the KV cache: a prefill of 8 random ids, then DECODE_STEPS more one at a time from the presents, must
         give the full recompute's logits for every one of them."""
         dtype, kv_cache = _split(artifact.variant)
+        session = ctx.format_state.pop(self._session_key(artifact), None)
         if not kv_cache:
             return None, []
-        session = _session(artifact.staged / "model.onnx")
+        session = session or _session(artifact.staged / "model.onnx")
         gen = torch.Generator().manual_seed(0)
         vocab = int(ctx.merged_config.get("vocab_size") or 32)
         ids = torch.randint(0, min(vocab, ctx.layout.base_vocab or vocab), (8 + DECODE_STEPS,), generator=gen).tolist()

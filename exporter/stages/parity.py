@@ -113,13 +113,13 @@ class ParityStage:
         base = base or ctx.base
         quantized = base.quantization is not None
         try:
-            total = count_weighted_modules(skeleton(base.path))  # parameters on meta: costs no memory
+            model = skeleton(base.path)  # parameters on meta: costs no memory
             desc = "parity reference" if with_adapter else "parity base"
-            with progress(ctx, desc, total) as bar:
+            with progress(ctx, desc, count_weighted_modules(model)) as bar:
                 model = load_reference(base.path, ctx.adapter.path if with_adapter else None, ctx.device,
                                        ctx.plan.allow_pickle, mode=ctx.parity_mode,
                                        base_tensors=BaseModelTensors(base) if quantized else None,
-                                       on_module=bar.update)
+                                       on_module=bar.update, model=model)
                 if probes is None:
                     vocab = model.get_input_embeddings().weight.shape[0]
                     probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
@@ -156,8 +156,8 @@ class ParityStage:
         # Effect kept compares the artifact and the base on the same rows and vocabulary width: text rows the base
         # can read (no added tokens), its own logits only.
         effect_rows = judged_rows & base_rows
-        adapter_kl = compare_logits(training_ref[effect_rows][:, :width], base_logits[judged_rows[base_rows]]
-                                    ).kl if effect_rows.any() else 0.0
+        effect_ref = training_ref[effect_rows][:, :width]
+        adapter_kl = compare_logits(effect_ref, base_logits[judged_rows[base_rows]]).kl if effect_rows.any() else 0.0
         for artifact in ctx.artifacts:
             fmt = FORMATS.get(artifact.format)
             out_logits = fmt.run_parity(artifact, ctx, probes.inputs)
@@ -177,8 +177,7 @@ class ParityStage:
             failures += extra_failures
             if tol.broken_kl is not None and figures.kl > adapter_kl + tol.broken_kl:
                 failures.append(f"KL {figures.kl:.3g} > the base's own {adapter_kl:.3g} + {tol.broken_kl:g}")
-            kept = _effect_kept(compare_logits(training_ref[effect_rows][:, :width],
-                                               out_logits[effect_rows][:, :width]).kl, adapter_kl) \
+            kept = _effect_kept(compare_logits(effect_ref, out_logits[effect_rows][:, :width]).kl, adapter_kl) \
                 if effect_rows.any() else None
             if kept is not None and kept < ctx.plan.min_effect_kept:
                 message = (f"{artifact.format}:{artifact.variant} keeps {kept:.0%} of the adapter's effect on the "
