@@ -4,13 +4,35 @@ table in exporter/formats/__init__.py lists them, and the stages loop over it.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from converters.tensor_stream import Encoder, StreamTensor
 from exporter.context import Artifact, Context
+from exporter.merge_math import cast_rows
 from exporter.tolerances import Tolerance
+
+
+class GatheredCast:
+    """An encoder for a writer that needs a tensor whole: each block cast once into ``dtype`` (cast_rows: a value the
+    dtype cannot hold is refused with ``fix``, when ``check_finite``), the whole tensor handed to ``done`` at the end."""
+
+    needs_rows = True
+
+    def __init__(self, tensor: StreamTensor, dtype: torch.dtype, check_finite: bool,
+                 done: Callable[[torch.Tensor], None], fix: str | None = None) -> None:
+        self.name, self.check_finite, self.done, self.fix = tensor.name, check_finite, done, fix
+        self.out = torch.empty(tensor.shape, dtype=dtype)
+        self.rows = self.out.reshape(-1) if self.out.dim() <= 1 else self.out
+
+    def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
+        cast_rows(self.rows[start:stop], rows, self.name, self.check_finite,
+                  **({} if self.fix is None else {"fix": self.fix}))
+
+    def finish(self) -> None:
+        self.done(self.out)
 
 
 class Sink(Protocol):

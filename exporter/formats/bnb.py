@@ -28,7 +28,7 @@ from converters.safetensors_out import FileSlice, ShardedWriter, TensorSpec, pwr
 from converters.tensor_stream import Passthrough, StreamTensor
 from exporter.context import Artifact, Context
 from exporter.errors import InputError
-from exporter.merge_math import cast_rows
+from exporter.formats.base import GatheredCast
 from exporter.model_files import copy_model_files
 
 log = logging.getLogger("lora_export")
@@ -125,24 +125,6 @@ class _QuantizeEncoder:
             self.sink.measure_survival(module, self.tensor.name, self.full, parts, self.tensor.original(), self.conv1d)
 
 
-class _FloatEncoder:
-    """A tensor kept in the model's dtype."""
-
-    needs_rows = True
-
-    def __init__(self, sink: BnbSink, tensor: StreamTensor) -> None:
-        self.sink, self.tensor = sink, tensor
-        self.out = torch.empty(tensor.shape, dtype=sink.model_dtype)
-        self.rows = self.out.reshape(-1) if self.out.dim() <= 1 else self.out
-
-    def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
-        cast_rows(self.rows[start:stop], rows, self.tensor.name, self.sink.ctx.plan.check_finite)
-
-    def finish(self) -> None:
-        self.sink.record(self.tensor.name, {self.tensor.name: self.sink.spill.put(self.out)},
-                         {self.tensor.name: (self.out.dtype, tuple(self.out.shape))})
-
-
 class BnbSink:
     consumes_stream = True
 
@@ -204,7 +186,9 @@ class BnbSink:
         if tensor.raw is not None and tensor.dtype == self.model_dtype:
             return Passthrough(lambda: self.record(tensor.name, {tensor.name: tensor.raw},
                                                    {tensor.name: (tensor.dtype, tuple(tensor.shape))}))
-        return _FloatEncoder(self, tensor)
+        return GatheredCast(tensor, self.model_dtype, self.ctx.plan.check_finite,  # kept in the model's dtype
+                            lambda out: self.record(tensor.name, {tensor.name: self.spill.put(out)},
+                                                    {tensor.name: (out.dtype, tuple(out.shape))}))
 
     # -------------------------------------------------------------------------------------------------------------
     def close(self) -> list[Artifact]:
