@@ -73,6 +73,15 @@ def workspace(dtype: torch.dtype, numel: int, name: str = "block") -> torch.Tens
     return buffer[:numel]
 
 
+def within(t: torch.Tensor, largest: float) -> bool:
+    """Every value of ``t`` in [-largest, largest], NaN failing: one aminmax pass (NaN propagates through it and fails
+    both comparisons), where isfinite() would first fill a bool tensor the size of ``t``."""
+    if not t.numel():
+        return True
+    low, high = torch.aminmax(t)
+    return float(low) >= -largest and float(high) <= largest
+
+
 def tensor_rows(tensor: torch.Tensor) -> Callable[[int], Rows]:
     """``produce`` for a tensor already at hand (a memory-mapped view, or a small computed one)."""
 

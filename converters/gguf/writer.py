@@ -31,7 +31,7 @@ from converters.gguf.vocab import Vocab, load_vocab
 from converters.ordered_pool import default_workers
 from converters.safetensors_in import SafetensorsFile
 from converters.safetensors_out import pwrite_all
-from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, workspace
+from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, within, workspace
 
 F16_MAX = 65504.0
 
@@ -156,8 +156,7 @@ class _TensorEncoder:
 
     def add(self, start: int, stop: int, rows: torch.Tensor) -> None:
         if self.check_range and rows.is_floating_point():
-            low, high = torch.aminmax(rows)
-            if not (float(low) >= -F16_MAX and float(high) <= F16_MAX):
+            if not within(rows, F16_MAX):
                 raise GGUFExportError(f"tensor {self.entry.hf_name} has values beyond ±{F16_MAX:g}, which F16 stores as "
                                  "Inf; write gguf:bf16 or gguf:f32 instead")
         rows = transform(self.plan.spec, self.plan.hp, self.entry.hf_name, rows, total_rows=self.total_rows)

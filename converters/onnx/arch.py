@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import torch
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -38,7 +40,7 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask",
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
-DTYPES = ("fp32", "fp16")
+DTYPES = MappingProxyType({"fp32": torch.float32, "fp16": torch.float16})  # the graph's dtype: weights and compute
 REFUSED_DTYPES = MappingProxyType({
     "bf16": "ONNX Runtime's CPU provider has no bf16 kernels for these graphs (MatMul, Softmax...); export fp16 or "
             "fp32 (weights are cast once while they are written)",

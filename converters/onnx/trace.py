@@ -50,11 +50,7 @@ class TracedGraph:
     model: onnx.ModelProto  # weights are graph inputs named by their HF names; buffers are baked in as constants
     params: dict[str, tuple[tuple[int, ...], torch.dtype]]  # HF name -> (shape, dtype), as the graph wants them
     aliases: dict[str, str]  # tied HF name -> the name the graph uses (e.g. lm_head.weight -> embed_tokens.weight)
-    num_layers: int = 0  # KV-cache layers (0 without a cache)
-    kv_heads: int = 0
-    head_dim: int = 0
-    input_names: list[str] = field(default_factory=list)
-    output_names: list[str] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)  # the runtime inputs (ids, mask, positions, the past)
 
 
 def hf_config(config: dict):
@@ -256,7 +252,7 @@ def trace(config: dict, dtype: torch.dtype, *, kv_cache: bool = True, opset: int
                               f"{type(e).__name__}: {e}") from e
     del wrapper, args, weights  # unmaps the placeholder pages
 
-    traced = TracedGraph(onnx.load_from_string(f.getvalue()), {}, {}, layers, kv_heads, head_dim, inputs, outputs)
+    traced = TracedGraph(onnx.load_from_string(f.getvalue()), {}, {}, inputs)
     _keep_used_inputs(traced, params, aliases, arch)
     logger.debug("traced %s: %d weights, %d cache layers of (kv_heads, head_dim) = (%d, %d), graph %d bytes", arch,
                  len(traced.params), layers, kv_heads, head_dim, len(f.getvalue()))

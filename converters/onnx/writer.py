@@ -18,12 +18,12 @@ from converters.onnx.arch import DTYPES, REFUSED_DTYPES
 from converters.onnx.errors import OnnxExportError
 from converters.onnx.trace import trace
 from converters.onnx.weights import DataFile, Fold, plan_folds
+from converters.tensor_stream import within
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -50,7 +50,8 @@ class OnnxWriter:
         self.dtype = dtype
         self.metadata = dict(metadata or {})
         self.check_finite = check_finite
-        self._traced = trace(config, _TORCH_DTYPES[dtype], kv_cache=kv_cache, opset=opset)
+        self.torch_dtype = DTYPES[dtype]
+        self._traced = trace(config, self.torch_dtype, kv_cache=kv_cache, opset=opset)
         self._folds: dict[str, Fold] = plan_folds(self._traced.model, list(self._traced.params))
         self._written: dict[str, str] = {}  # graph weight name -> the HF name it was written under
         self._first_output: dict[str, onnx.TensorProto] = {}  # graph weight name -> its first initializer
@@ -60,10 +61,6 @@ class OnnxWriter:
         logger.info("traced %s (%s, %s): %d weights -> %d initializers", config.get("model_type"), dtype,
                     "KV cache" if kv_cache else "no cache", len(self._folds),
                     sum(len(f.outputs) for f in self._folds.values()))
-
-    @property
-    def num_layers(self) -> int:
-        return self._traced.num_layers
 
     def wanted(self) -> list[str]:
         """HF tensor names the graph needs, in graph order (tied aliases such as lm_head.weight are not listed)."""
@@ -100,7 +97,7 @@ class OnnxWriter:
         if not tensor.is_floating_point():
             raise OnnxExportError(f"tensor {hf_name} is {tensor.dtype}; the ONNX writer takes float tensors")
         weight = tensor.detach().to("cpu", dtype)
-        if self.check_finite and not bool(torch.isfinite(weight).all()):
+        if self.check_finite and not within(weight, torch.finfo(weight.dtype).max):
             raise OnnxExportError(f"tensor {hf_name} has non-finite values as {self.dtype} (beyond fp16's ±65504?)")
         return Prepared(hf_name, name, fold.apply(weight, self._traced.model))
 

@@ -30,7 +30,6 @@ from exporter.tolerances import Tolerance
 
 VARIANTS = ("fp32", "fp16", "fp32-nocache", "fp16-nocache", "bf16")
 DECODE_STEPS = 8
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def _split(variant: str) -> tuple[str, bool]:
@@ -49,7 +48,7 @@ class OnnxSink:
     def __init__(self, ctx: Context, variant: str) -> None:
         self.ctx, self.variant = ctx, variant
         self.writer = ctx.format_state[f"onnx:{variant}"]
-        self.dtype = _DTYPES[_split(variant)[0]]
+        self.dtype = self.writer.torch_dtype
         self.wanted = set(self.writer.wanted()) | {"lm_head.weight"}  # a tied head is checked against the embedding
         # Workers finish tensors in any order; the data file gets them in stream order, so the same inputs give the
         # same bytes. A tensor that finishes early waits here (at most the pump's few in flight).
