@@ -62,13 +62,14 @@ class StreamTensor:
 _workspaces = threading.local()
 
 
-def workspace(dtype: torch.dtype, numel: int, name: str = "block") -> torch.Tensor:
+def workspace(dtype: torch.dtype, numel: int, name: str = "block",
+              device: torch.device | str = "cpu") -> torch.Tensor:
     """A flat per-thread buffer of at least ``numel`` values, reused block after block (fresh memory would cost a page
     fault per 4 KB written); valid until the same thread asks for the same name and dtype again."""
     key = f"{name}_{dtype}"
     buffer = getattr(_workspaces, key, None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype)
+    if buffer is None or buffer.numel() < numel or buffer.device != torch.device(device):
+        buffer = torch.empty(numel, dtype=dtype, device=device)
         setattr(_workspaces, key, buffer)
     return buffer[:numel]
 

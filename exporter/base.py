@@ -200,7 +200,7 @@ def load_base(spec: str) -> BaseModel:
             raise InputError(str(shard_path), f"cannot be read as safetensors ({e}).",
                              "re-download the base model; the file may be truncated.") from e
         files.append(shard)
-        for key in sorted(shard.tensors, key=lambda k: shard.tensors[k].begin):
+        for key in shard.keys():  # in file order (read_header sorts by offset)
             file_of[key] = shard
     base = BaseModel(path, config, files, quantization=quantization, _file_of=file_of)
     if quantization is None:
@@ -214,14 +214,14 @@ def _logical_tensors(base: BaseModel, file_of: dict[str, SafetensorsFile]) -> di
     """The float model a bitsandbytes checkpoint stands for, every quantized weight checked now (its parts present
     and well-formed), so that bad input is refused before anything runs."""
     from converters.bnb import BnbFormatError, group_tensors, logical_shape_dtype
+    from converters.bnb.format import FLOAT_DTYPES
 
     try:
         entries = group_tensors(file_of)
         tensors = {}
         # int8 weights dequantize in float32 and transformers' dequantize() then casts them to the model's dtype,
         # which is what a QLoRA forward on them reads: the same here.
-        model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            base.dtype_name or "", torch.float32)
+        model_dtype = FLOAT_DTYPES.get(base.dtype_name or "", torch.float32)
         for entry in entries:
             main_key = entry.keys["tensor" if entry.kind == "plain" else "weight"]
             shape, dtype = logical_shape_dtype(entry, base.stored)

@@ -28,15 +28,12 @@ def describe(adapter_spec: str, base_spec: str | None = None, dtype: str | None 
         ],
     }
     if base_spec is not None:
-        import torch
-
         from exporter.base import load_base
         from exporter.layout import build_layout
         from exporter.stages.load import choose_dtype
 
         base = load_base(base_spec)
-        first = next((t.torch_dtype for t in base.tensors.values() if t.torch_dtype.is_floating_point), torch.float32)
-        out_dtype = choose_dtype(dtype, base.dtype_name, first)
+        out_dtype = choose_dtype(dtype, base)
         layout = build_layout(base, adapter, out_dtype)  # raises a MismatchError when they do not fit
         info["base"] = str(base.path)
         info["fits_base"] = True

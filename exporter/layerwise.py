@@ -18,7 +18,6 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -47,11 +46,11 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def skeleton(folder: Path, config_overrides: dict[str, Any] | None = None) -> nn.Module:
+def skeleton(folder: Path) -> nn.Module:
     """The architecture of the model in ``folder`` (config.json only; never remote code), parameters on meta."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **(config_overrides or {}))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     return model.eval()

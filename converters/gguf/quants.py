@@ -7,24 +7,18 @@ Geometry comes from gguf's own table (GGML_QUANT_SIZES); the arithmetic follows 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-_workspaces = threading.local()
-
+from converters.tensor_stream import workspace
 
 def _workspace(name: str, like: torch.Tensor) -> torch.Tensor:
     """A per-thread float32 buffer shaped like ``like``, reused call after call: it stays in cache, where fresh memory
     for each operation costs a page fault per 4 KB (Q8_0 ran 2x slower on fresh temporaries). Valid until the same
     thread asks for the same name again."""
-    buffer = getattr(_workspaces, name, None)
-    if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
-        buffer = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
-        setattr(_workspaces, name, buffer)
-    return buffer[:like.numel()].view(like.shape)
+    return workspace(torch.float32, like.numel(), f"quants_{name}", like.device).view(like.shape)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:

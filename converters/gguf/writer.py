@@ -68,13 +68,13 @@ class GGUFPlan:
     def __init__(self, config: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...]]], type_name: str) -> None:
         if type_name not in GGUF_TYPES:
             raise GGUFExportError(f"GGUF type '{type_name}' is unknown; choose one of {', '.join(GGUF_TYPES)}")
-        self.config, self.type_name = config, type_name
+        self.type_name = type_name
         self.gguf_type = GGUF_TYPES[type_name]
         # K-quants are llama.cpp's own: the tensors are written in F32 and llama.cpp quantizes that file.
         self.written_type = self.gguf_type if self.gguf_type.weight_type is not None else GGUF_TYPES["f32"]
         self.spec = arch_for(config)
         self.hp = hyperparameters(config)
-        metadata_keys(self.spec, self.hp)  # every hyperparameter llama.cpp needs is present and supported
+        self.keys = metadata_keys(self.spec, self.hp)  # raises unless llama.cpp has every hyperparameter it needs
         names = {name for name, _ in tensors}
         if not self.spec.has_output and "lm_head.weight" in names and not self.hp.get("tie_word_embeddings", True):
             raise GGUFExportError(f"llama.cpp's {self.spec.name} always uses the token embedding as the output head, "
@@ -240,7 +240,7 @@ class GGUFStreamWriter:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value in metadata.items():
             writer.add_string(key, value)
-        for key, kind, value in metadata_keys(plan.spec, plan.hp):
+        for key, kind, value in plan.keys:
             _add_key(writer, f"{plan.spec.name}.{key}", kind, value)
         writer.add_tokenizer_model(vocab.model)
         writer.add_tokenizer_pre(vocab.pre)

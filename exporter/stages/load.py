@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from exporter.adapter import load_adapter
-from exporter.base import load_base, resolve_local_or_cached
+from exporter.base import BaseModel, load_base, resolve_local_or_cached
 from exporter.context import Context
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import parse_formats
@@ -36,10 +36,11 @@ def choose_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def choose_dtype(requested: str | None, base_dtype: str | None, first_float: torch.dtype | None) -> torch.dtype:
-    name = requested or base_dtype
+def choose_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
+    """--dtype, else the base's torch_dtype in config.json, else its first float tensor's dtype (else float32)."""
+    name = requested or base.dtype_name
     if name is None:
-        return first_float or torch.float32
+        return next((t.torch_dtype for t in base.tensors.values() if t.torch_dtype.is_floating_point), torch.float32)
     if name not in _DTYPES:
         raise ExportError(f"dtype '{name}'", "is not supported for the merged weights.",
                           "use float32, bfloat16 or float16.")
@@ -81,8 +82,7 @@ class LoadStage:
         ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
         ctx.base = load_base(plan.base)
         ctx.device = choose_device(plan.device)
-        first_float = next((t.torch_dtype for t in ctx.base.tensors.values() if t.torch_dtype.is_floating_point), None)
-        ctx.out_dtype = choose_dtype(plan.dtype, ctx.base.dtype_name, first_float)
+        ctx.out_dtype = choose_dtype(plan.dtype, ctx.base)
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
         ctx.layout = layout
         ctx.config_updates.update(layout.config_updates)
