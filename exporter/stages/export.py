@@ -15,7 +15,7 @@ from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
 
 
-def _from_converters(error: Exception) -> bool:
+def _from_converters(error: BaseException) -> bool:
     """A converter's own error (bad input it found while writing), as opposed to a bug."""
     return isinstance(error, ValueError) and type(error).__module__.startswith("converters.")
 
@@ -34,15 +34,11 @@ class ExportStage:
                 self._pump(ctx, writers)
             for _, sink in sinks:
                 ctx.artifacts.extend(sink.close())
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C included: no half-written file stays open
             for _, sink in sinks:
                 sink.abort()
             if _from_converters(e):
                 raise ExportError(f"--to {','.join(map(str, ctx.formats))}", f"{e}.") from e
-            raise
-        except BaseException:
-            for _, sink in sinks:
-                sink.abort()
             raise
         self._summarise_merge(ctx)
 
