@@ -1,31 +1,34 @@
-"""--to onnx end to end: a bf16 base and an adapter trained on it, merged and exported, run by ONNX Runtime and
-onnxruntime-genai. Oracles: transformers on the same merge (saved as float32 safetensors in the same run), its greedy
-decoding, ONNX Runtime's full recompute, onnxruntime-genai's own generator, and onnx's operator list."""
+"""--to onnx end to end: a bf16 base (config.json says "dtype": "bfloat16", as users' bases do) and an adapter trained
+on it, merged and exported with default flags, run by ONNX Runtime and onnxruntime-genai. Oracles: PEFT's unmerged
+model (base + adapter on the fly, float32) and its greedy decoding, ONNX Runtime driven here step by step with its own
+API, onnxruntime-genai's own generator, and onnx's operator list."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import build_peft_adapter, train_adapter
+from conftest import build_peft_adapter, peft_unmerged_logits, train_adapter
 from exporter.cli import main
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, bos_token_id=0,
             eos_token_id=1, pad_token_id=2)
 # Sliding windows of 8 under 16-token probes; Gemma at initializer_range 0.15 repeats one token forever (its scaled
-# tied embedding dominates), 0.02 varies.
+# tied embedding dominates), 0.02 varies. Gemma's hidden size is 48: its embedding scale √48 = 6.928 is not a bf16
+# number (√64 = 8 would hide a scale traced in the config's bf16; the real Gemma 3 270M's √640 became 25.25).
 ARCHS = {
     "llama": {}, "mistral": dict(sliding_window=8), "qwen2": {}, "qwen3": dict(head_dim=16), "phi3": {},
-    "gemma2": dict(head_dim=16, sliding_window=8, initializer_range=0.02),
-    "gemma3_text": dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                        initializer_range=0.02),
+    "gemma2": dict(hidden_size=48, head_dim=16, sliding_window=8, initializer_range=0.02),
+    "gemma3_text": dict(hidden_size=48, head_dim=16, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"], initializer_range=0.02),
 }
 TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,24 +53,31 @@ def cli(*args: str):
 
 
 def ort_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
-    from exporter.formats.onnx import _run, _session
-
-    session = _session(model)
-    logits, past = _run(session, prompt, None, len(prompt))
-    tokens = [int(logits[-1].argmax())]
-    for i in range(steps - 1):
-        logits, past = _run(session, [tokens[-1]], past, len(prompt) + i + 1)
-        tokens.append(int(logits[-1].argmax()))
+    """Greedy decoding driven with ONNX Runtime's API alone (not the exporter's parity helpers): a prefill from an
+    empty past, then one token at a time from the presents."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32 if i.type == "tensor(float)" else np.float16)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    ids, tokens = prompt, []
+    for _ in range(steps):
+        total = len(prompt) + len(tokens)
+        out = dict(zip(names, session.run(None, {
+            "input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(total - len(ids), total, dtype=np.int64)[None], **past})))
+        tokens.append(int(out["logits"][0, -1].argmax()))
+        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
+        ids = [tokens[-1]]
     return tokens
 
 
-def hf_greedy(folder: Path, prompt: list[int], steps: int) -> list[int]:
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None, pad_token_id=2)
-    with torch.no_grad():
-        return model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+def peft_greedy(base: Path, adapter: Path, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding of the unmerged model (PEFT applies the adapter on the fly, float32), recomputed in full at
+    every step: nothing of our merge or of ONNX in it."""
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(peft_unmerged_logits(base, adapter, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -75,8 +85,9 @@ def test_every_architecture_runs_in_onnx_runtime_like_the_unmerged_model(tmp_pat
     base = bf16_base(tmp_path / "base", arch)
     adapter = train_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16,
                             target_modules=TARGETS.get(arch, DEFAULT_TARGETS))
-    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--dtype", "float32",
-                 "--to", "safetensors,onnx:fp32,onnx:fp16")
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--to", "safetensors,onnx:fp32,onnx:fp16")  # default flags: the merged safetensors in the base's bf16
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     parity = {a["parity"]["dtype"]: a["parity"] for a in report["artifacts"] if a["format"] == "onnx"}
@@ -88,7 +99,7 @@ def test_every_architecture_runs_in_onnx_runtime_like_the_unmerged_model(tmp_pat
     assert parity["fp32"]["adapter_effect_kept"] > 0.99
     prompt = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(5)).tolist()
     ours = ort_greedy(tmp_path / "out" / "onnx-fp32" / "model.onnx", prompt, GREEDY_STEPS)
-    assert ours == hf_greedy(tmp_path / "out", prompt, GREEDY_STEPS)  # the float32 merge, run by transformers
+    assert ours == peft_greedy(base, adapter, prompt, GREEDY_STEPS)
     census = {op for op in json.loads(json.dumps(_census(tmp_path / "out" / "onnx-fp32" / "model.onnx")))}
     assert census and all(op.startswith("ai.onnx::") for op in census), census  # TensorRT's parser takes these
 
@@ -105,8 +116,7 @@ def test_onnxruntime_genai_generates_what_transformers_generates(tmp_path, arch)
 
     base = bf16_base(tmp_path / "base", arch, tokenizer=True)
     adapter = train_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=DEFAULT_TARGETS)
-    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--dtype", "float32",
-                 "--to", "safetensors,onnx")
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to", "onnx")
     assert result.exit_code == 0, result.output
     model = og.Model(str(tmp_path / "out" / "onnx"))
     prompt = torch.randint(3, 128, (10,), generator=torch.Generator().manual_seed(9)).tolist()
@@ -118,7 +128,7 @@ def test_onnxruntime_genai_generates_what_transformers_generates(tmp_path, arch)
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-    expected = hf_greedy(tmp_path / "out", prompt, GREEDY_STEPS)
+    expected = peft_greedy(base, adapter, prompt, GREEDY_STEPS)
     eos = TINY["eos_token_id"]
     if eos in expected:  # genai stops at EOS, as it runs by default
         expected = expected[: expected.index(eos) + 1]
@@ -200,9 +210,75 @@ def test_the_disk_pre_flight_plans_the_bytes_the_data_file_takes(tmp_path, arch)
     base = bf16_base(tmp_path / "base", arch)
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
     ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", formats=("onnx",),
-                                  parity="off", progress=False))
+                                  parity=False, progress=False))
     planned, _ = FORMAT.output_bytes(ctx, "fp32")
     written = (tmp_path / "out" / "onnx" / "model.onnx.data").stat().st_size
     tensors = len(onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph.initializer)
     assert planned <= written <= planned + 4096 * tensors, (planned, written, tensors)
     assert ctx.merged_config.get("tie_word_embeddings", False) == (arch == "gemma3_text")
+
+
+def _ort_logits(model: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one sequence in ONNX Runtime (a prefill from an empty past when the graph has a cache)."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    n = ids.shape[-1]
+    feed = {"input_ids": ids.numpy()[None], "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None]}
+    feed |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32 if i.type == "tensor(float)" else np.float16)
+             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    return torch.from_numpy(session.run(["logits"], feed)[0][0].astype(np.float32))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_nocache_variants_end_to_end(tmp_path, arch):
+    """onnx:fp32-nocache and onnx:fp16-nocache from a bf16 base with default flags: graphs with only ids, mask and
+    positions in and logits out, that ONNX Runtime runs like PEFT's unmerged model."""
+    base = bf16_base(tmp_path / "base", arch)
+    adapter = train_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=DEFAULT_TARGETS)
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--to", "onnx:fp32-nocache,onnx:fp16-nocache")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    verdicts = {a["parity"]["dtype"]: a["parity"] for a in report["artifacts"]}
+    assert set(verdicts) == {"fp32-nocache", "fp16-nocache"} and all(v["passed"] for v in verdicts.values())
+    ids = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(11))
+    reference = peft_unmerged_logits(base, adapter, ids[None])[0]
+    for variant, bound in (("fp32-nocache", 1e-4), ("fp16-nocache", 5e-2)):
+        model = tmp_path / "out" / f"onnx-{variant}" / "model.onnx"
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "position_ids"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        assert not (model.parent / "genai_config.json").exists()  # onnxruntime-genai needs the cache
+        diff = float((_ort_logits(model, ids) - reference).abs().max())
+        assert diff < bound, (variant, diff)
+
+
+def test_a_broken_kv_cache_fails_the_decode_check(tmp_path, monkeypatch):
+    """The decode check's failure branch, driven by a corrupted artifact: the graph's first layer returns its keys as
+    values and its values as keys. A prefill from an empty past (every logits probe) is untouched, so only the
+    prefill + decode vs recompute check can see it: exit 3, the report names it, nothing written."""
+    from converters.onnx import writer as onnx_writer
+
+    close = onnx_writer.OnnxWriter.close
+
+    def swap_first_layer_presents(self):
+        # The layer's own attention keeps reading its true keys and values (renamed inside the graph); only what it
+        # hands out as present.0.* is crossed over, through two Identity nodes.
+        graph, inner = self._traced.model.graph, {"present.0.key": "k_inside", "present.0.value": "v_inside"}
+        for node in graph.node:
+            node.input[:] = [inner.get(name, name) for name in node.input]
+            node.output[:] = [inner.get(name, name) for name in node.output]
+        graph.node.extend([onnx.helper.make_node("Identity", ["v_inside"], ["present.0.key"]),
+                           onnx.helper.make_node("Identity", ["k_inside"], ["present.0.value"])])
+        return close(self)
+
+    monkeypatch.setattr(onnx_writer.OnnxWriter, "close", swap_first_layer_presents)
+    base = bf16_base(tmp_path / "base", "llama")
+    adapter = train_adapter(tmp_path / "adapter", base, r=8, lora_alpha=16, target_modules=DEFAULT_TARGETS)
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to", "onnx")
+    assert result.exit_code == 3, result.output
+    failed = json.loads((tmp_path / "out.failed-report.json").read_text())
+    [artifact] = failed["artifacts"]
+    assert "KV-cache decode differs" in artifact["parity"]["failures"], artifact["parity"]
+    assert artifact["parity"]["max_abs"] <= 1e-3  # the logits probes themselves passed
+    assert not (tmp_path / "out").exists()

@@ -204,8 +204,12 @@ def trace(config: dict, dtype: torch.dtype, *, kv_cache: bool = True, opset: int
     cfg = hf_config(config)
     arch = cfg.model_type
     try:
+        # Built in float32 whatever config.json's dtype says: buffers and constants computed at construction (Gemma's
+        # embed_scale √hidden, rotary tables) would otherwise be rounded to that dtype and traced as such (a bf16
+        # config made √640 = 25.298 into 25.25). The weights' dtype is the graph's, set below by the placeholders.
         with _params_on_meta():
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", trust_remote_code=False,
+                                                     dtype=torch.float32)
     except (ValueError, KeyError, TypeError, ImportError) as e:
         raise OnnxExportError(f"architecture {arch}: transformers builds no causal LM from this config ({e})") from e
     model.eval()

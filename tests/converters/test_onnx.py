@@ -372,3 +372,34 @@ def test_peak_memory_is_flat(tmp_path):
     print({n: {k: v >> 20 for k, v in p.items()} for n, p in peaks.items()}, "MiB")
     assert large_peak["peak"] <= 1.2 * small_peak["peak"]
     assert large_peak["peak"] - large_peak["base"] < 0.6 * large
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            found |= {node.output[0]: numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"}
+    return found
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_constants_do_not_depend_on_the_configs_dtype(arch):
+    """Users' config.json says "dtype": "bfloat16". Whatever the model computes from the config while it is built
+    (Gemma's embedding scale √hidden, rotary tables) must enter the graph as float32 computes it: the same constants
+    as from a float32 config, in an fp32 and an fp16 graph alike. Hidden size 48: √48 is no bf16 number (√64 = 8 is,
+    and hid the bf16-rounded scale that broke Gemma 3 270M's parity)."""
+    from converters.onnx.trace import trace
+
+    config = dict(model_type=arch, **{**TINY, **ARCH_EXTRA[arch], "hidden_size": 48})
+    for graph_dtype in (torch.float32, torch.float16):
+        want = _constants(trace({**config, "dtype": "float32"}, graph_dtype).model)
+        got = _constants(trace({**config, "dtype": "bfloat16"}, graph_dtype).model)
+        assert want.keys() == got.keys(), arch
+        differ = [k for k in want if want[k].dtype != got[k].dtype or not np.array_equal(want[k], got[k])]
+        assert not differ, (arch, graph_dtype, differ)
+        if arch.startswith("gemma") and graph_dtype == torch.float32:  # and the scale is the exact one
+            near = [float(v.reshape(-1)[0]) for v in got.values()
+                    if v.size == 1 and v.dtype.kind == "f" and abs(float(v.reshape(-1)[0]) - 48**0.5) < 0.05]
+            assert near and all(value == float(np.float32(48**0.5)) for value in near), near
