@@ -4,6 +4,7 @@ module, never the pipeline that runs them."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,9 +43,25 @@ def parse_size(text: str | int) -> int:
     raise ExportError(f"size '{text}'", "is not a size.", "write it like 5GB, 500MB or 2GiB.")
 
 
+# Words a Python caller may use for a field, as the CLI spells them; each maps to the one value the plan keeps.
+_DTYPE_WORDS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+_ON_OFF = {"on": True, "off": False}
+_CHOICES = {"device": ("auto", "cpu", "cuda"), "parity_memory": ("auto", "whole", "streamed"),
+            "merge_into": ("dequantized", "original")}
+_BOOLEANS = ("parity", "overwrite", "allow_pickle", "check_finite", "accept_parity_failure", "progress",
+             "require_effect_kept")
+
+
+def _plan_error(field_name: str, value: Any, expected: str) -> ExportError:
+    return ExportError(f"ExportPlan({field_name}={value!r})", f"is not {expected}.", f"pass {expected}.")
+
+
 @dataclass(frozen=True)
 class ExportPlan:
-    """Everything a run needs to know, fixed before anything runs."""
+    """Everything a run needs to know, fixed before anything runs. Every field is checked when the plan is built
+    (a wrong type or value is an ExportError naming the field and what it takes); the CLI's own words are accepted
+    where they mean one thing (parity="off", dtype="bf16", formats="safetensors,onnx", max_shard_size="2GB")."""
 
     base: str
     adapter: str
@@ -69,6 +86,69 @@ class ExportPlan:
     merge_into: str = "dequantized"  # dequantized | original: which weights a quantized base's adapter is merged into
     min_effect_kept: float = 0.5  # warn when an artifact keeps less of the adapter's effect than this
     require_effect_kept: bool = False  # … and fail parity instead of warning
+
+    def __post_init__(self) -> None:
+        def keep(name: str, value: Any) -> None:  # frozen: normalised values go in through object.__setattr__
+            object.__setattr__(self, name, value)
+
+        for name in ("base", "adapter"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise _plan_error(name, value, "a folder path or a Hub id (a non-empty str or Path)")
+            keep(name, str(value))
+        if self.original_base is not None:
+            if not isinstance(self.original_base, (str, Path)) or not str(self.original_base):
+                raise _plan_error("original_base", self.original_base, "None or a folder path (str or Path)")
+            keep("original_base", str(self.original_base))
+        if not isinstance(self.out, (str, Path)) or not str(self.out):
+            raise _plan_error("out", self.out, "an output folder path (a non-empty str or Path)")
+        keep("out", Path(self.out))
+        formats = self.formats
+        if isinstance(formats, str):  # "safetensors,gguf:q8_0", as --to takes it
+            formats = tuple(f.strip() for f in formats.split(",") if f.strip())
+        if not isinstance(formats, (tuple, list)) or not formats or not all(isinstance(f, str) for f in formats):
+            raise _plan_error("formats", self.formats, "a non-empty tuple of format names such as ('safetensors', "
+                              "'gguf:q8_0')")
+        keep("formats", tuple(formats))
+        if self.dtype is not None:
+            word = str(self.dtype).removeprefix("torch.") if isinstance(self.dtype, (str, torch.dtype)) else None
+            if word not in _DTYPE_WORDS:
+                raise _plan_error("dtype", self.dtype, "None (the base's) or one of float32, bfloat16, float16")
+            keep("dtype", _DTYPE_WORDS[word])
+        for name in _BOOLEANS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in _ON_OFF:
+                keep(name, _ON_OFF[value.lower()])
+            elif not isinstance(value, bool):
+                raise _plan_error(name, value, "True or False" + (' (or "on" / "off")' if name == "parity" else ""))
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise _plan_error(name, getattr(self, name), "one of " + ", ".join(allowed))
+        size = self.max_shard_size
+        if isinstance(size, str):
+            try:
+                size = parse_size(size)
+            except ExportError:
+                size = None
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise _plan_error("max_shard_size", self.max_shard_size, "a positive number of bytes or a size like '5GB'")
+        keep("max_shard_size", size)
+        for name, low, high in (("max_abs", 0.0, math.inf), ("max_kl", 0.0, math.inf), ("min_top1", 0.0, 1.0),
+                                ("min_effect_kept", -math.inf, 1.0)):
+            value = getattr(self, name)
+            if value is None and name != "min_effect_kept":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                bounds = f"between {low:g} and {high:g}" if math.isfinite(low) and math.isfinite(high) else \
+                    (f"at least {low:g}" if math.isfinite(low) else f"at most {high:g}")
+                raise _plan_error(name, value, ("None or " if name != "min_effect_kept" else "") + f"a number {bounds}")
+            keep(name, float(value))
+        if self.stages is not None:
+            if isinstance(self.stages, str) or not all(isinstance(s, str) for s in self.stages):
+                raise _plan_error("stages", self.stages, "None or a tuple of stage names")
+            keep("stages", tuple(self.stages))
+        if self.gguf_pre is not None and not (isinstance(self.gguf_pre, str) and self.gguf_pre):
+            raise _plan_error("gguf_pre", self.gguf_pre, "None or a pre-tokenizer name such as 'llama-bpe'")
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:

@@ -124,8 +124,57 @@ def test_an_output_moved_aside_by_a_killed_overwrite_is_restored_not_lost(tiny, 
     aside.mkdir()
     (aside / "model.safetensors").write_bytes(b"the previous output")
     with pytest.raises(ExportError, match="exists and is not empty"):
-        run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity="off", progress=False))
+        run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity=False, progress=False))
     assert (out / "model.safetensors").read_bytes() == b"the previous output" and not aside.exists()
-    ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity="off", progress=False,
+    ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, parity=False, progress=False,
                                   overwrite=True))
     assert load_output(out) and ctx.artifacts and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("parity", "maybe", "True or False (or \"on\" / \"off\")"),
+    ("parity", 1, "True or False"),
+    ("overwrite", "yes", "True or False"),
+    ("check_finite", None, "True or False"),
+    ("dtype", "float8", "one of float32, bfloat16, float16"),
+    ("dtype", torch.int8, "one of float32, bfloat16, float16"),
+    ("device", "gpu", "one of auto, cpu, cuda"),
+    ("parity_memory", "half", "one of auto, whole, streamed"),
+    ("merge_into", "base", "one of dequantized, original"),
+    ("formats", (), "a non-empty tuple of format names"),
+    ("formats", ("safetensors", 3), "a non-empty tuple of format names"),
+    ("max_shard_size", 0, "a positive number of bytes"),
+    ("max_shard_size", "lots", "a size"),
+    ("max_kl", -1.0, "None or a number at least 0"),
+    ("max_abs", "0.1", "None or a number at least 0"),
+    ("min_top1", 1.5, "None or a number between 0 and 1"),
+    ("min_effect_kept", 2.0, "a number at most 1"),
+    ("stages", "load", "None or a tuple of stage names"),
+    ("out", None, "an output folder path"),
+    ("base", "", "a folder path or a Hub id"),
+    ("gguf_pre", "", "None or a pre-tokenizer name"),
+])
+def test_the_plan_checks_each_field_when_it_is_built(field, value, expected):
+    """A Python caller gets what the CLI's choices give its users: a wrong type or value is refused when the plan is
+    built, naming the field, the value and what it takes, never read as something else later (a non-empty string was
+    once a true ``parity``)."""
+    kwargs = {**dict(base="b", adapter="a", out="o"), field: value}
+    with pytest.raises(ExportError, match="ExportPlan") as error:
+        ExportPlan(**kwargs)
+    assert field in str(error.value) and expected in str(error.value), str(error.value)
+
+
+def test_the_plan_takes_the_cli_words_that_mean_one_thing(tiny, tmp_path):
+    from pathlib import Path
+
+    plan = ExportPlan(base=Path("b"), adapter="a", out="o", parity="off", dtype="bf16", formats="safetensors, gguf:q8_0",
+                      max_shard_size="2GB", min_top1=1)
+    assert (plan.parity, plan.dtype, plan.formats, plan.max_shard_size) == (False, "bfloat16",
+                                                                            ("safetensors", "gguf:q8_0"), 2 * 10**9)
+    assert plan.base == "b" and plan.out == Path("o") and plan.min_top1 == 1.0
+    assert ExportPlan(base="b", adapter="a", out="o", parity="ON", dtype=torch.float16).dtype == "float16"
+    assert "parity" not in plan.stage_names()
+    base, adapter = tiny
+    ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", parity="off",
+                                  progress=False))
+    assert "parity" not in ctx.timings and all(a.parity is None for a in ctx.artifacts)  # parity really did not run

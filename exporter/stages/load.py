@@ -149,9 +149,7 @@ class LoadStage:
         """--original-base: the full-precision model a quantized base was made from, checked here on every tensor's
         name and shape (the dequantize stage re-quantizes its weights against the stored codes); --merge-into original
         merges into its weights (what training saw stays the reference the report measures the cost against)."""
-        plan = ctx.plan
-        if plan.merge_into not in ("dequantized", "original"):
-            raise ExportError(f"--merge-into {plan.merge_into}", "is not a choice.", "use dequantized or original.")
+        plan = ctx.plan  # merge_into is one of its two choices: ExportPlan checks that when it is built
         if plan.original_base is None:
             if plan.merge_into == "original":
                 raise InputError("--merge-into original", "needs the full-precision model the quantized base was made "
