@@ -216,7 +216,8 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
     rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
-    # PEFT's LoraConfig defaults where a key is absent (or null): r=8, lora_alpha=8, use_rslora=False.
+    # PEFT's LoraConfig defaults where a key is absent: r=8, lora_alpha=8, use_rslora=False (a null use_rslora too;
+    # a null r or lora_alpha PEFT cannot load, and check_adapter_config refused it).
     default_r = int(config["r"]) if config.get("r") is not None else 8
     default_alpha = float(config["lora_alpha"]) if config.get("lora_alpha") is not None else 8.0
     use_rslora = bool(config.get("use_rslora"))

@@ -117,9 +117,17 @@ ADAPTER_FIELDS = {
 }
 
 
+ADAPTER_NOT_NULL = ("r", "lora_alpha")
+
+
 def check_adapter_config(path: Path, config: dict[str, Any]) -> None:
     """adapter_config.json's fields that a merge reads, each of the type PEFT writes."""
     fix = "restore the adapter_config.json PEFT wrote with this adapter."
+    for key in ADAPTER_NOT_NULL:
+        # PEFT fills in an absent r or lora_alpha (8), but keeps a null and then fails to build the layer (None <= 0,
+        # None / r): a null is a damaged file, not the default.
+        if key in config and config[key] is None:
+            raise InputError(f"{path} ({key})", f"is null, not {ADAPTER_FIELDS[key][1]}.", fix)
     _check(path, config, ADAPTER_FIELDS, fix)
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):

@@ -184,7 +184,10 @@ def test_existing_output_folder_is_refused(good, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = run_cli(base, adapter, out)
-    assert result.exit_code != 0 and "--overwrite" in result.output
+    # README's exit codes: 2 for bad input, an --out that is not empty among them; one line naming it and the fix.
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0] and "Fix:" in errors[0] and "--overwrite" in errors[0], errors
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
     result = run_cli(base, adapter, out, "--overwrite")
     assert result.exit_code == 0, result.output

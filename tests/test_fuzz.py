@@ -1,5 +1,8 @@
 """A seeded corpus of malformed inputs: every one ends with exit 0 and a complete output, or exit 2 and one error line
-naming the file — never a traceback, never an internal error, never anything half-written beside --out.
+naming the file — never a traceback, never an internal error, never anything half-written beside --out. The
+hand-picked wrong types and values must exit 2, naming the file and the key: with parity off, an input read wrongly
+(a string rank, a null alpha taken for the default) would otherwise pass unnoticed. Random byte flips may land
+anywhere harmless, so they may also end with exit 0.
 
 Mutations of the base's safetensors header, the adapter's safetensors header, adapter_config.json, config.json,
 tokenizer.json, tokenizer_config.json and the shard index: random byte flips (seeded) and hand-picked wrong types and
@@ -112,9 +115,11 @@ def _text_flips(folder: str, name: str, rng: random.Random, count: int) -> Mutat
     return mutate
 
 
-def corpus() -> dict[str, Mutation]:
+def corpus(refusals: dict[str, tuple[str, ...]] | None = None) -> dict[str, Mutation]:
+    """The cases by name; ``refusals`` is filled with the hand-picked ones, each with what its error line must name."""
     rng = random.Random(SEED)
     cases: dict[str, Mutation] = {}
+    refusals = {} if refusals is None else refusals
     for i in range(12):
         cases[f"base header, {i + 1} random bytes"] = _flips("base", rng, 1 + i % 4)
         cases[f"adapter header, {i + 1} random bytes"] = _flips("adapter", rng, 1 + i % 4)
@@ -136,6 +141,8 @@ def corpus() -> dict[str, Mutation]:
     for what, change in header_values.items():
         cases[f"base header: {what}"] = _header("base", change)
         cases[f"adapter header: {what}"] = _header("adapter", change)
+        refusals[f"base header: {what}"] = ("/base/model-", ".safetensors")
+        refusals[f"adapter header: {what}"] = ("/adapter/adapter_model.safetensors",)
     adapter_config = {"r a string": ("r", "4"), "r negative": ("r", -4), "r zero": ("r", 0), "r a float": ("r", 4.5),
                       "r a bool": ("r", True), "lora_alpha a string": ("lora_alpha", "8"),
                       "lora_alpha null": ("lora_alpha", None), "use_rslora a string": ("use_rslora", "yes"),
@@ -147,6 +154,7 @@ def corpus() -> dict[str, Mutation]:
                       "fan_in_fan_out a number": ("fan_in_fan_out", 1)}
     for what, (key, value) in adapter_config.items():
         cases[f"adapter_config.json: {what}"] = _json_file("adapter", "adapter_config.json", _set(key, value))
+        refusals[f"adapter_config.json: {what}"] = ("/adapter/adapter_config.json", key)
     model_config = {"model_type a number": ("model_type", 5), "architectures a string": ("architectures", "Llama"),
                     "tie_word_embeddings a string": ("tie_word_embeddings", "no"),
                     "vocab_size a string": ("vocab_size", "128"), "hidden_size negative": ("hidden_size", -1),
@@ -156,8 +164,11 @@ def corpus() -> dict[str, Mutation]:
                     "max_position_embeddings null": ("max_position_embeddings", None)}
     for what, (key, value) in model_config.items():
         cases[f"config.json: {what}"] = _json_file("base", "config.json", _set(key, value))
+        refusals[f"config.json: {what}"] = ("/base/config.json", key)
     cases["config.json: a list"] = _json_file("base", "config.json", lambda c: [c])
     cases["adapter_config.json: a list"] = _json_file("adapter", "adapter_config.json", lambda c: [c])
+    refusals["config.json: a list"] = ("/base/config.json",)
+    refusals["adapter_config.json: a list"] = ("/adapter/adapter_config.json",)
     tokenizer_json = {
         "a list": lambda t: [t], "vocab a list of numbers": lambda t: {**t, "model": {**t["model"], "vocab": [1, 2]}},
         "vocab ids strings": lambda t: {**t, "model": {**t["model"], "vocab": {"a": "0"}}},
@@ -167,11 +178,14 @@ def corpus() -> dict[str, Mutation]:
     }
     for what, change in tokenizer_json.items():
         cases[f"tokenizer.json: {what}"] = _json_file("base", "tokenizer.json", change)
+        # A vocabulary the id check accepts but the tokenizers library cannot read is named by its folder only.
+        refusals[f"tokenizer.json: {what}"] = ("/base",)
     tokenizer_config = {"chat_template a number": ("chat_template", 5), "bos_token a list": ("bos_token", [1]),
                         "tokenizer_class a number": ("tokenizer_class", 3),
                         "added_tokens_decoder a list": ("added_tokens_decoder", [1])}
     for what, (key, value) in tokenizer_config.items():
         cases[f"tokenizer_config.json: {what}"] = _json_file("base", "tokenizer_config.json", _set(key, value))
+        refusals[f"tokenizer_config.json: {what}"] = ("/base/tokenizer_config.json", key)
     index = {"weight_map a list": lambda i: {**i, "weight_map": []},
              "weight_map values numbers": lambda i: {**i, "weight_map": {k: 1 for k in i["weight_map"]}},
              "names a missing file": lambda i: {**i, "weight_map": {**i["weight_map"], "x": "nowhere.safetensors"}},
@@ -180,20 +194,26 @@ def corpus() -> dict[str, Mutation]:
              "a list": lambda i: [i]}
     for what, change in index.items():
         cases[f"shard index: {what}"] = _json_file("base", "model.safetensors.index.json", change)
+        refusals[f"shard index: {what}"] = ("/base/model.safetensors.index.json",)
     for folder, name in (("adapter", "adapter_config.json"), ("base", "config.json"), ("base", "tokenizer.json"),
                          ("base", "tokenizer_config.json"), ("base", "model.safetensors.index.json")):
         cases[f"{name}: not UTF-8"] = _raw(folder, name, b"\xff\xfe{\x00")
         cases[f"{name}: empty"] = _raw(folder, name, b"")
         cases[f"{name}: nested 100000 deep"] = _raw(folder, name, b"[" * 100000)
+        for what in ("not UTF-8", "empty", "nested 100000 deep"):
+            refusals[f"{name}: {what}"] = (f"/{folder}/{name}",)
     return cases
 
 
-CORPUS = corpus()
+MUST_REFUSE: dict[str, tuple[str, ...]] = {}
+CORPUS = corpus(MUST_REFUSE)
 
 
 def test_the_corpus_is_large_and_seeded():
     assert len(CORPUS) >= 100
     assert list(corpus()) == list(CORPUS)
+    # Every case but the random flips is one that must be refused.
+    assert set(MUST_REFUSE) == {case for case in CORPUS if "random" not in case}
 
 
 @pytest.mark.parametrize("case", list(CORPUS))
@@ -205,12 +225,15 @@ def test_malformed_input_ends_cleanly(inputs, tmp_path, case):
     result = CliRunner().invoke(main, ["-q", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
                                        "--to", "safetensors,gguf:f32", "--parity", "off", "--no-progress"])
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
-    assert result.exit_code in (0, 2), (result.exit_code, result.output, result.exception)
+    assert result.exit_code in ((2,) if case in MUST_REFUSE else (0, 2)), (result.exit_code, result.output,
+                                                                         result.exception)
     if result.exit_code == 0:
         assert (out / "report.json").is_file() and (out / "model-F32.gguf").is_file()
         assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
     else:
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Fix:" in errors[0], result.output
+        for text in MUST_REFUSE.get(case, ()):
+            assert text in errors[0], (text, errors[0])
         assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")], "left beside --out"
