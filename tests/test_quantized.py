@@ -2,8 +2,8 @@
 merged with a QLoRA adapter trained by PEFT on it, and the merge re-quantized with bitsandbytes.
 
 Oracles: transformers' own dequantize() of the loaded (never run) 4-bit model with PEFT's merge_and_unload and
-PEFT's unmerged forward on it; transformers' quantize-on-load + save_pretrained of our float output; transformers'
-loading of our quantized folder.
+PEFT's unmerged forward on it; transformers' quantize-on-load + save_pretrained of our float output, and of PEFT's
+own merge (every --to safetensors:<variant> from a bf16 base); transformers' loading of our quantized folder.
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ QUANTIZATIONS = {
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
     "int8": dict(load_in_8bit=True),
 }
+# The device --device auto merges (and so quantizes) on; transformers quantizes on the device it loads to.
+RUN_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def quantize_with_transformers(float_dir: Path, out: Path, **bnb_kwargs) -> Path:
+def quantize_with_transformers(float_dir: Path, out: Path, device_map: str = "cpu", **bnb_kwargs) -> Path:
     """What users download as a *-bnb-4bit folder: transformers quantizes on load and saves (no forward run)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BitsAndBytesConfig(**bnb_kwargs),
-                                                 device_map="cpu")
+                                                 device_map=device_map)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(float_dir).save_pretrained(out)
     return out
@@ -113,8 +115,9 @@ def test_nf4_output_is_what_transformers_writes_and_loads(qlora, tmp_path):
     result = cli("--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to",
                  "safetensors,safetensors:nf4")
     assert result.exit_code == 0, result.output
-    theirs_dir = quantize_with_transformers(tmp_path / "out", tmp_path / "transformers-nf4", load_in_4bit=True,
-                                            bnb_4bit_quant_type="nf4")
+    # quantized on the device the run merged on (--device auto), as the pipeline does
+    theirs_dir = quantize_with_transformers(tmp_path / "out", tmp_path / "transformers-nf4", device_map=RUN_DEVICE,
+                                            load_in_4bit=True, bnb_4bit_quant_type="nf4")
     ours, theirs = load_file(tmp_path / "out" / "nf4" / "model.safetensors"), load_file(theirs_dir / "model.safetensors")
     assert set(ours) == set(theirs)
     for key, tensor in theirs.items():
@@ -273,3 +276,164 @@ def test_missing_bitsandbytes_names_the_extra(qlora, tmp_path, monkeypatch):
     result = cli("--base", str(float_dir), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to",
                  "safetensors:nf4")
     assert result.exit_code == 2 and "lora-export[bnb]" in result.output and not (tmp_path / "out").exists()
+
+
+# --- --to safetensors:<bitsandbytes variant> from a float base ------------------------------------------------------
+
+# The test's own table, written as users write BitsAndBytesConfig (independent of exporter/formats/bnb.py VARIANTS).
+REQUANTIZED = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False),
+    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False),
+    "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+PROBE_SENTENCES = ["The capital of Italy is Rome.", "Hello! How are you today?",
+                   "def add(a, b):\n    return a + b", "Once upon a time there was a fisherman by the sea."]
+
+
+@pytest.fixture(scope="module")
+def bf16_lora(tmp_path_factory):
+    """(bf16 base, adapter trained on it, PEFT's float32 merge_and_unload cast to bf16 and saved)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("bf16-lora")
+    base = build_bf16_llama(root / "base")
+    adapter = train_adapter(root / "adapter", base, r=8, lora_alpha=16, tokenizer=True, target_modules=TARGETS)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # transformers casts the checkpoint to the model dtype (bf16 here) before it quantizes on load
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().to(torch.bfloat16).save_pretrained(root / "merged")
+    return base, adapter, root / "merged"
+
+
+def _bnb_dequantized(model) -> dict[str, torch.Tensor]:
+    """Every bitsandbytes Linear's weight as bitsandbytes dequantizes it (transformers' own helper), on the CPU."""
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    return {name: dequantize_bnb_weight(m.weight, getattr(m, "state", None)).cpu()
+            for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def _kl_and_decisive_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref‖out) over positions, and top-1 agreement where the reference's top-2 margin is ≥ 1 logit."""
+    log_ref, log_out = ref.double().log_softmax(-1), out.double().log_softmax(-1)
+    kl = float((log_ref.exp() * (log_ref - log_out)).sum(-1).mean())
+    top2 = ref.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) >= 1.0
+    top1 = float((ref.argmax(-1) == out.argmax(-1))[decisive].double().mean()) if decisive.any() else 1.0
+    return kl, top1
+
+
+@pytest.mark.parametrize("variant", sorted(REQUANTIZED))
+def test_requantized_output_is_bitsandbytes_of_the_peft_merge(bf16_lora, tmp_path, variant):
+    """--to safetensors:<variant> with default flags from a bf16 base: the folder loads with no arguments as the
+    requested quantization, its weights are bitsandbytes' quantization of PEFT's merge (transformers quantizing the
+    merge on load), and its logits hold the variant's declared bound against PEFT's unmerged model."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from conftest import model_logits, peft_unmerged_logits
+
+    base, adapter, peft_merged = bf16_lora
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to",
+                 f"safetensors:{variant}")
+    assert result.exit_code == 0, result.output
+    expected = REQUANTIZED[variant]
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / variant).eval()
+
+    # (a) the quantization transformers reads from the folder, and the modules it built from it
+    config = ours.config.quantization_config
+    four_bit = expected.get("load_in_4bit", False)
+    assert (config.load_in_4bit, config.load_in_8bit) == (four_bit, not four_bit)
+    linears = {n: m for n, m in ours.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
+    assert len(linears) == 14
+    if four_bit:
+        assert config.bnb_4bit_quant_type == expected["bnb_4bit_quant_type"]
+        assert config.bnb_4bit_use_double_quant == expected["bnb_4bit_use_double_quant"]
+        for name, module in linears.items():
+            assert isinstance(module, bnb.nn.Linear4bit), name
+            state = module.weight.quant_state
+            assert state.quant_type == expected["bnb_4bit_quant_type"], name
+            assert (state.state2 is not None) == expected["bnb_4bit_use_double_quant"], name
+    else:
+        assert all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in linears.values())
+
+    # (b) bit for bit what bitsandbytes makes of PEFT's float32 merge cast to bf16, quantized where the run merges
+    theirs = AutoModelForCausalLM.from_pretrained(peft_merged, quantization_config=BitsAndBytesConfig(**expected),
+                                                  device_map=RUN_DEVICE)
+    ours_deq, theirs_deq = _bnb_dequantized(ours), _bnb_dequantized(theirs)
+    assert set(ours_deq) == set(theirs_deq) == set(linears)
+    for name, weight in theirs_deq.items():
+        assert ours_deq[name].dtype == weight.dtype and torch.equal(ours_deq[name], weight), name
+    merged = load_output(peft_merged)
+    floats = {n: t for n, t in ours.state_dict().items() if n in merged and t.is_floating_point()}
+    assert set(floats) == set(merged) - {f"{n}.weight" for n in linears}  # embeddings, norms, lm_head
+    for name, tensor in floats.items():  # left in float: the merge's bf16 values
+        assert torch.equal(tensor.cpu(), merged[name].to(tensor.dtype)), name
+
+    # (c) logits against PEFT's unmerged model (float32), judged by the variant's declared bound (README table)
+    tok = AutoTokenizer.from_pretrained(base)
+    device = next(ours.parameters()).device
+    refs, outs, bases = [], [], []
+    for text in PROBE_SENTENCES:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        refs.append(peft_unmerged_logits(base, adapter, ids)[0])
+        bases.append(model_logits(base, ids)[0])  # the base without the adapter
+        with torch.no_grad():
+            outs.append(ours(input_ids=ids.to(device)).logits[0].float().cpu())
+    ref = torch.cat(refs)
+    kl, top1 = _kl_and_decisive_top1(ref, torch.cat(outs))
+    if four_bit:  # lossy by design: broken only when 1 nat further from the reference than the base is
+        adapter_kl, _ = _kl_and_decisive_top1(ref, torch.cat(bases))
+        assert kl <= adapter_kl + 1.0, (kl, adapter_kl)
+    else:  # LLM.int8: like GGUF q8_0
+        assert kl <= 0.05 and top1 >= 0.95, (kl, top1)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    [artifact] = report["artifacts"]
+    assert artifact["parity"]["dtype"] == variant and artifact["parity"]["runtime"] == "transformers"
+    assert artifact["parity"]["passed"], artifact["parity"]["failures"]
+    assert report["requantize"][variant]["quantized_tensors"] == 14
+
+
+@pytest.mark.parametrize("variant", ["nf4", "int8"])
+def test_the_quantizer_runs_on_the_device_it_is_given(variant):
+    """bitsandbytes' CPU and CUDA quantizers are separate code, so the weight must reach the device asked for; on the
+    meta device bitsandbytes only works out the output shapes, so a device ignored shows as real CPU tensors."""
+    from converters.bnb import quantize_4bit, quantize_int8
+
+    weight = torch.randn(64, 128)
+    if variant == "int8":
+        parts = quantize_int8("m", weight, model_dtype=torch.bfloat16, conv1d=False, device="meta")
+        codes = parts["m.weight"]
+        assert codes.shape == (64, 128) and parts["m.SCB"].is_meta
+    else:
+        parts = quantize_4bit("m", weight, model_dtype=torch.bfloat16, quant_type="nf4", double_quant=False,
+                              device="meta")
+        codes = parts["m.weight"]
+        assert codes.shape == (64 * 128 // 2, 1) and parts["m.weight.absmax"].is_meta
+    assert codes.is_meta
+
+
+@pytest.mark.parametrize("variant", ["nf4-dq", "int8"])
+def test_the_pipeline_quantizes_on_the_runs_device(bf16_lora, tmp_path, monkeypatch, variant):
+    """The export passes the run's merge device (--device) to bitsandbytes, as transformers quantizes on the device it
+    loads to, and writes what comes back (on the CPU)."""
+    import converters.bnb
+
+    base, adapter, _ = bf16_lora
+    devices = []
+    for name in ("quantize_4bit", "quantize_int8"):
+        original = getattr(converters.bnb, name)
+
+        def recorder(*args, _original=original, **kwargs):
+            devices.append(kwargs.get("device"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(converters.bnb, name, recorder)
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--to",
+                 f"safetensors:{variant}", "--device", "cpu", "--parity", "off")
+    assert result.exit_code == 0, result.output
+    assert len(devices) >= 14 and {torch.device(d) if d is not None else None for d in devices} == {
+        torch.device("cpu")}

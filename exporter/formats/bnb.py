@@ -148,10 +148,14 @@ class BnbSink:
     def quantize(self, module: str, weight: torch.Tensor, conv1d: bool) -> dict[str, torch.Tensor]:
         from converters.bnb import quantize_4bit, quantize_int8
 
+        # On the run's merge device, as transformers quantizes on the device it loads to (bitsandbytes' CPU and CUDA
+        # quantizers are separate code); the parts come back to the CPU, where they are measured and written.
         if self.bits == 8:
-            return quantize_int8(module, weight, model_dtype=self.model_dtype, conv1d=conv1d)
-        return quantize_4bit(module, weight, model_dtype=self.model_dtype, quant_type=self.quant_type,
-                             double_quant=self.double_quant, conv1d=conv1d)
+            parts = quantize_int8(module, weight, model_dtype=self.model_dtype, conv1d=conv1d, device=self.ctx.device)
+        else:
+            parts = quantize_4bit(module, weight, model_dtype=self.model_dtype, quant_type=self.quant_type,
+                                  double_quant=self.double_quant, conv1d=conv1d, device=self.ctx.device)
+        return {key: value.cpu() for key, value in parts.items()}
 
     def dequantize(self, module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         from converters.bnb import dequantize, group_tensors
