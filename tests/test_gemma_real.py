@@ -211,9 +211,20 @@ def gemma(tmp_path_factory) -> GemmaCase:
                      peft_logits, peft_merged, base_loss, peft_loss, train_losses, timings)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _export(gemma: GemmaCase, out: Path, dtype: str, **thresholds) -> dict:
     """run_pipeline with parity on (a failure raises ParityError); returns the artifact's parity figures after checking
-    that report.json carries the same."""
+    report.json against facts taken elsewhere: the inputs' sha256 by hashlib, each module's scale from the
+    adapter_config.json PEFT wrote, the adapted tensors named by hand."""
     start = time.perf_counter()
     ctx = run_pipeline(ExportPlan(base=str(gemma.base), adapter=str(gemma.adapter), out=out, dtype=dtype,
                                   progress=False, **thresholds))
@@ -226,8 +237,14 @@ def _export(gemma: GemmaCase, out: Path, dtype: str, **thresholds) -> dict:
           f"{parity['positions']} positions, passed {parity['passed']}")
     assert parity["passed"], parity["failures"]
     report = json.loads((out / "report.json").read_text())
-    assert report["artifacts"][0]["parity"] == parity
+    assert report["inputs"]["base_sha256"] == {p.name: _sha256(p) for p in sorted(gemma.base.glob("*.safetensors"))}
+    assert report["inputs"]["adapter_sha256"] == {
+        "adapter_model.safetensors": _sha256(gemma.adapter / "adapter_model.safetensors")}
+    config = json.loads((gemma.adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config.get("use_rslora")) == (8, 16, False)
+    assert {m["tensor"]: m["scale"] for m in report["merge"]["per_tensor"]} == {n: 16 / 8 for n in _adapted_names()}
     assert report["merge"]["lora_modules"] == len(_adapted_names())
+    assert report["artifacts"][0]["parity"]["dtype"] == dtype and report["output_dtype"] == dtype
     assert not report["notes"]  # e.g. no "the adapter changes nothing measurable"
     return parity
 

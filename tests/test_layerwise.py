@@ -86,6 +86,38 @@ def test_streamed_artifact_equals_transformers_whole_model(tmp_path):
     assert (ours - expected).abs().max() <= 1e-5
 
 
+# The CLI in a child process with the parity stage wrapped: the kernel's high-water mark of resident memory (VmHWM)
+# is reset as parity starts (writing 5 to /proc/self/clear_refs) and read when it ends, an independent measurement of
+# the peak the report states. While parity computes its reference the child also holds BALLAST_MB of touched memory,
+# freed before the artifact runs: a figure that is not the peak (the last sample, a constant) misses it.
+BALLAST_MB = 256
+CLI_WITH_KERNEL_PEAK = f"""
+import re, sys, time
+from pathlib import Path
+from exporter.stages.parity import ParityStage
+run_parity, model_logits, ballast_held = ParityStage.run, ParityStage._model_logits, []
+def run(self, ctx):
+    Path("/proc/self/clear_refs").write_text("5")
+    run_parity(self, ctx)
+    status = Path("/proc/self/status").read_text()
+    Path(sys.argv[1]).write_text(re.search(r"VmHWM:\\s+(\\d+) kB", status)[1])
+def with_ballast(*args, **kwargs):
+    if ballast_held:
+        return model_logits(*args, **kwargs)
+    ballast = bytearray({BALLAST_MB} * 2**20)
+    ballast[::4096] = bytes(len(ballast) // 4096)  # every page written, so resident
+    ballast_held.append(True)
+    time.sleep(0.2)  # ten of the report's polls at least
+    try:
+        return model_logits(*args, **kwargs)
+    finally:
+        del ballast
+ParityStage.run, ParityStage._model_logits = run, staticmethod(with_ballast)
+from exporter.cli import main
+main(sys.argv[2:])
+"""
+
+
 @pytest.mark.parametrize("mode", ["streamed", "whole"])
 def test_parity_memory_modes_give_the_same_figures(tmp_path, mode):
     from click.testing import CliRunner
@@ -99,12 +131,24 @@ def test_parity_memory_modes_give_the_same_figures(tmp_path, mode):
     results = {}
     for chosen in ("auto", mode):
         out = tmp_path / chosen
-        result = CliRunner().invoke(main, ["-q", "run", "--base", str(base), "--adapter", str(adapter), "--out",
-                                           str(out), "--no-progress", "--parity-memory", chosen])
-        assert result.exit_code == 0, result.output
+        args = ["-q", "run", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--no-progress",
+                "--parity-memory", chosen]
+        if chosen == "auto":
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, result.output
+        else:
+            child = subprocess.run([sys.executable, "-c", CLI_WITH_KERNEL_PEAK, str(tmp_path / "hwm"), *args],
+                                   capture_output=True, text=True, cwd=ROOT)
+            assert child.returncode == 0, child.stderr
         results[chosen] = json.loads((out / "report.json").read_text())
     run = results[mode]["parity_run"]
-    assert run["mode"] == mode and run["why"].startswith(f"--parity-memory {mode}") and run["peak_rss_mb"] > 100
+    assert run["mode"] == mode and run["why"].startswith(f"--parity-memory {mode}")
+    # The report's peak is polled every 20 ms, so it may miss a short spike, never exceed the kernel's figure (+1 for
+    # its rounding to whole MB). Measured: 618 and 624 MB reported against the kernel's 624 MB.
+    kernel_peak_mb = int((tmp_path / "hwm").read_text()) / 1024
+    assert kernel_peak_mb > BALLAST_MB + 100  # the ballast was resident, on top of torch and the models
+    assert 0.9 * kernel_peak_mb <= run["peak_rss_mb"] <= kernel_peak_mb + 1, (run, kernel_peak_mb)
+    assert 0 < run["peak_anon_mb"] <= run["peak_rss_mb"]
     assert results["auto"]["parity_run"]["mode"] == "whole"  # a tiny model fits
     strip = ("path",)
     figures = [{k: v for k, v in r["artifacts"][0]["parity"].items() if k not in strip} for r in results.values()]

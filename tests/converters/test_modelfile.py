@@ -1,7 +1,9 @@
 """The Ollama TEMPLATE we derive renders conversations exactly as the HF chat template does in transformers.
 
-Two oracles, neither of them our code: Go's own text/template (what Ollama runs, compiled from a 15-line program in
-conftest.py) renders our TEMPLATE, and transformers' apply_chat_template renders the Jinja template.
+Every expected value comes from outside our code: Go's own text/template (what Ollama runs, compiled from a 15-line
+program in conftest.py) renders our TEMPLATE, transformers' apply_chat_template renders the Jinja template, and the
+text a template puts once before the first turn (the BOS string, which Ollama's runtime adds as a token rather than as
+TEMPLATE text) is written down by hand for each template below, read off the template itself.
 """
 
 from __future__ import annotations
@@ -75,13 +77,59 @@ def hf_tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(folder)
 
 
+BOS = "<s>"  # build_tokenizer's bos_token
+# What each template renders once before the first turn, read off the template by hand: the TEMPLATE leaves it to the
+# runtime, so Go's rendering must equal transformers' without exactly this text in front.
+LEADING = {"chatml": "", "llama3": BOS, "gemma": BOS, "chatml-no-system": "", "demo": "", "gemma-3-it": BOS,
+           "llama-3-instruct": BOS, "mistral-small-24b-instruct-2501": BOS}
+# A template with fixed text before the first turn that is no BOS: the TEMPLATE cannot carry it, the Modelfile's
+# notes must say so, and Go's rendering is transformers' without it.
+PREAMBLE = "Transcript of a chat.\n"
+PREAMBLE_TEMPLATE = (PREAMBLE + "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _go_template(tokenizer) -> str:
+    """Our TEMPLATE text, taken from the Modelfile as users get it."""
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    text, _ = modelfile("m.gguf", tokenizer.chat_template, special, [])
+    return text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+
+
+def _compare_with_transformers(go_render, tokenizer, leading: str) -> int:
+    """Each conversation: transformers' rendering == ``leading`` + Go's rendering of our TEMPLATE. Returns how many
+    conversations the template accepted."""
+    template = _go_template(tokenizer)
+    checked = 0
+    for messages in CONVERSATIONS:
+        try:
+            expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            assert messages[0]["role"] == "system" and "no system" in str(e), messages
+            continue  # the template itself refuses this conversation
+        assert expected.startswith(leading), (expected, leading)
+        assert go_render(template, messages) == expected[len(leading):], messages
+        checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_go_template_renders_like_transformers(go_render, hf_tokenizer, name):
-    from conftest import assert_ollama_template_matches
-
+    assert hf_tokenizer.bos_token == BOS
     hf_tokenizer.chat_template = TEMPLATES[name]
-    checked = assert_ollama_template_matches(go_render, hf_tokenizer, CONVERSATIONS)
-    assert checked >= (2 if name == "gemma" else 3)  # the toy gemma template refuses system turns
+    checked = _compare_with_transformers(go_render, hf_tokenizer, LEADING[name])
+    assert checked == (2 if name == "gemma" else 3)  # the toy gemma template refuses system turns
+    # A leading BOS is what the runtime adds anyway: nothing to note. Anything else must be noted.
+    _, notes = modelfile("m.gguf", TEMPLATES[name], {"bos_token": BOS, "eos_token": "</s>"}, [])
+    assert notes == []
+
+
+def test_fixed_text_before_the_first_turn_is_noted_and_left_out(go_render, hf_tokenizer):
+    hf_tokenizer.chat_template = PREAMBLE_TEMPLATE
+    assert _compare_with_transformers(go_render, hf_tokenizer, PREAMBLE) == 3
+    _, notes = modelfile("m.gguf", PREAMBLE_TEMPLATE, {"bos_token": BOS, "eos_token": "</s>"}, [])
+    assert notes == [f"the chat template starts every conversation with {PREAMBLE!r}, which the Ollama TEMPLATE "
+                     "leaves out"]
 
 
 def test_modelfile_has_stops_from_turn_end_and_eos():
