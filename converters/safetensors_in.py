@@ -102,9 +102,11 @@ class SafetensorsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.tensors, self.metadata, self.data_start = read_header(self.path)
-        self._file = open(self.path, "rb")
         size = os.path.getsize(self.path)
-        self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        # The map holds its own duplicate of the descriptor: the file is closed at once, so a run leaks no open file
+        # (a ResourceWarning, one descriptor per input file) however long the caller keeps the object.
+        with open(self.path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -150,5 +152,6 @@ class SafetensorsFile:
             self.release(name, start * row_bytes, stop * row_bytes)
 
     def close(self) -> None:
-        # Views handed out keep the map alive; mmap.close would fail with exported buffers, so let GC do it.
-        self._file.close()
+        # Nothing open to close (see __init__). Views handed out keep the map alive; mmap.close would fail with
+        # exported buffers, so GC unmaps it.
+        pass

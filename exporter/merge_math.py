@@ -54,6 +54,10 @@ def _add_delta(w: torch.Tensor, product: torch.Tensor, scale: float) -> None:
     w.add_(product.mul_(scale))
 
 
+# The fewest rows of B@A computed in one product (see LoraMerge.rows): tall enough for the kernel a whole B@A uses.
+_MIN_PRODUCT_ROWS = 16
+
+
 class LoraMerge:
     """One LoRA pair merged into one stored weight, computed in row blocks of the stored layout.
 
@@ -99,15 +103,23 @@ class LoraMerge:
             return
         weight, n_rows = self.weight, self.weight.shape[0]
         buffer = torch.empty(min(rows_per_block, n_rows), *weight.shape[1:], dtype=torch.float32)
-        delta_buffer = torch.empty_like(buffer)
+        # Every block's rows of B@A come out of a product of the same ``window`` rows, never fewer than 16 (the last,
+        # partial block's reaches back into the block before it): a product's rounding depends on its row count, MKL
+        # computing 1-3 rows with other kernels than taller products, and PEFT computes B@A whole. Products of just the
+        # last block's rows differed from PEFT's merge in the last bit (measured, torch 2.13: 99 rows in blocks of 14,
+        # the last row; Qwen3-0.6B's down_proj at the stream's default block size, its last row). The cost: one
+        # partial block's product more per tensor.
+        window = min(max(rows_per_block, _MIN_PRODUCT_ROWS), n_rows)
+        delta_buffer = torch.empty(window, self.right.shape[1], dtype=torch.float32)
         base_sq = 0.0
         for start in range(0, n_rows, rows_per_block):
             stop = min(start + rows_per_block, n_rows)
-            block, delta = buffer[: stop - start], delta_buffer[: stop - start]
+            block, first = buffer[: stop - start], max(stop - window, 0)
             block.copy_(weight[start:stop])
             # vector_norm, not dot: torch.dot on the CPU is ~200x slower for this size (measured, torch 2.13).
             base_sq += float(torch.linalg.vector_norm(block)) ** 2
-            _add_delta(block, torch.mm(self.left[start:stop], self.right, out=delta), self.scale)
+            product = torch.mm(self.left[first:first + window], self.right, out=delta_buffer)
+            _add_delta(block, product.narrow(0, start - first, stop - start), self.scale)
             if self.check_finite:
                 # aminmax propagates NaN and Inf and allocates nothing; isfinite().all() would fault in a bool tensor
                 # the block's size every time.

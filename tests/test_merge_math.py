@@ -1,14 +1,20 @@
 """The merge's arithmetic on its own, against values computed here in float64: several row blocks with a partial last
 one (the models in the other tests fit in one block), the ‖ΔW‖/‖W‖ figure for a change smaller than 1, the one reused
-block buffer that keeps memory at a block, and the float16 range check at its exact edges."""
+block buffer that keeps memory at a block, and the float16 range check at its exact edges. Then, in several blocks
+with a partial last one, against PEFT's merge_and_unload bit for bit (plain, rsLoRA, Conv1D, embedding; fp32 and bf16
+bases). Warnings are errors: a merge that makes torch warn (an out= buffer of the wrong size) is wrong somewhere."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from exporter.errors import NonFiniteError
-from exporter.merge_math import LoraMerge, cast_rows
+from exporter.merge_math import LoraMerge, cast_rows, merge_lora
+
+pytestmark = pytest.mark.filterwarnings("error")
 
 
 def _pair(out_features: int = 10, in_features: int = 6, r: int = 2, delta: float = 1e-3):
@@ -123,3 +129,89 @@ def test_relative_change_of_a_zero_weight_is_the_change_itself():
     rescaled = torch.ones(10, 1).double() * (0.5 * (b.double() @ a.double()))
     rescaled = rescaled / rescaled.norm(dim=1, keepdim=True)
     assert dora.relative_change == pytest.approx(float(rescaled.norm()), rel=1e-4)
+
+
+# -- bit for bit with PEFT, in many row blocks ---------------------------------------------------------------------
+# The merge computes each block's rows of B@A with their own torch.mm. A matrix product's rounding depends on its
+# shape (MKL computes a product of 1-3 rows with another kernel than a taller one), so blocks can drift from the one
+# whole B@A that PEFT computes, in the last bit, on a few rows: visible only at atol 0, on tensors of several blocks.
+
+SCALES = {"lora": (8, 12, False), "rslora": (8, 12, True)}  # r, alpha, use_rslora: 1.5 and 12/√8, both rounding
+
+
+def _peft_merge(kind: str, rows: int, cols: int, *, r: int, alpha: int, use_rslora: bool, bf16_base: bool):
+    """A base layer of ``rows`` stored rows, a PEFT LoRA on it with random A and B, and PEFT's merge_and_unload:
+    (the stored weight, lora_A, lora_B, PEFT's merged weight in float32). PEFT merges a bf16 base in float32 (the
+    weights upcast, as tests/conftest.peft_merged_state does): the README promises that float32 merge, rounded once."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(rows * cols + r)
+    layer = {"linear": lambda: torch.nn.Linear(cols, rows, bias=False),  # W (out, in)
+             "conv1d": lambda: Conv1D(cols, rows),  # GPT-2: W stored (in, out) = (rows, cols)
+             "embedding": lambda: torch.nn.Embedding(rows, cols)}[kind]()
+    if bf16_base:
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.bfloat16().float())
+    holder = torch.nn.Module()
+    holder.layer = layer
+    config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=kind == "conv1d",
+                        target_modules=["layer"], init_lora_weights=False)
+    peft_model = get_peft_model(holder, config)
+    lora = peft_model.base_model.model.layer
+    if kind == "embedding":
+        a, b = lora.lora_embedding_A["default"], lora.lora_embedding_B["default"]
+    else:
+        a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    a, b, weight = a.detach().clone(), b.detach().clone(), layer.weight.detach().clone()
+    merged = peft_model.merge_and_unload().layer.weight.detach().clone()
+    return (weight.bfloat16() if bf16_base else weight), a, b, merged
+
+
+def _scale(r: int, alpha: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r  # PEFT's LoraLayer.update_layer
+
+
+@pytest.fixture
+def one_thread():
+    """PEFT's own B@A depends on the thread count for some shapes (MKL splits the product's columns among threads:
+    a (64, 99) product rounds its last 3 columns differently with 4 threads than with 1), so PEFT's merge and ours
+    both run single-threaded, as the pipeline's merge workers do (tensor_stream.pump)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bf16_base", [False, True], ids=["fp32-base", "bf16-base"])
+@pytest.mark.parametrize("scaling", list(SCALES))
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_many_blocks_equal_peft_merge_and_unload_bit_for_bit(one_thread, kind, scaling, bf16_base):
+    """99 stored rows in 3 to 8 blocks, the last one partial: 1, 3 or 19 rows."""
+    r, alpha, use_rslora = SCALES[scaling]
+    weight, a, b, peft = _peft_merge(kind, 99, 64, r=r, alpha=alpha, use_rslora=use_rslora, bf16_base=bf16_base)
+    variant = {"fan_in_fan_out": kind == "conv1d", "embedding": kind == "embedding"}
+    for rows_per_block in (14, 32, 20):  # last blocks of 1, 3 and 19 rows
+        merge = LoraMerge(weight, a, b, _scale(r, alpha, use_rslora), name="w", **variant)
+        blocks = [(start, stop, rows.clone()) for start, stop, rows in merge.rows(rows_per_block)]
+        assert len(blocks) >= 3 and 0 < blocks[-1][1] - blocks[-1][0] < rows_per_block
+        merged = torch.cat([rows for _, _, rows in blocks])
+        differ = (merged != peft).any(dim=1).nonzero().flatten().tolist()
+        assert not differ, f"rows_per_block {rows_per_block}: rows {differ} differ from PEFT's merge"
+        whole = merge_lora(weight, a, b, _scale(r, alpha, use_rslora), name="w", rows_per_block=rows_per_block,
+                           **variant).weight
+        assert whole.dtype == weight.dtype and torch.equal(whole, peft.to(weight.dtype)), rows_per_block
+
+
+def test_default_block_size_on_a_qwen3_down_proj_equals_peft(one_thread):
+    """Qwen3-0.6B's down_proj (1024, 3072) at the stream's default block size: 341 rows a block, the last one 1 row
+    (the one row a tall product and a 1-row product round differently)."""
+    from converters.tensor_stream import BLOCK_VALUES
+
+    weight, a, b, peft = _peft_merge("linear", 1024, 3072, r=16, alpha=32, use_rslora=False, bf16_base=True)
+    rows_per_block = BLOCK_VALUES // 3072
+    assert 1024 % rows_per_block == 1
+    merged = torch.cat([rows.clone() for _, _, rows in LoraMerge(weight, a, b, 2.0, name="w").rows(rows_per_block)])
+    assert torch.equal(merged, peft)
+    assert torch.equal(merge_lora(weight, a, b, 2.0, name="w", rows_per_block=rows_per_block).weight,
+                       peft.bfloat16())

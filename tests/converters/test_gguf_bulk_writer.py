@@ -8,6 +8,10 @@ from gguf.constants import GGUFValueType as VT
 
 from converters.gguf.bulk_writer import BulkArrayGGUFWriter
 
+# Warnings are errors: a writer that makes torch or numpy warn (an out= buffer resized, a cast that overflows, a file
+# left open) is doing something it did not mean to. No third-party warning needed ignoring here.
+pytestmark = pytest.mark.filterwarnings("error")
+
 ARRAYS = {
     "strings": (["hello", "▁wörld", "", "<|im_end|>", "\n\t", "🦙"], None),
     "bytes tokens": ([b"a", b"\xe2\x96\x81b", b"", bytearray(b"\x00\xff")], None),

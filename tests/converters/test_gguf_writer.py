@@ -17,6 +17,10 @@ from conftest import build_bf16_llama, llama_cpp_permute
 from converters.gguf.writer import write_gguf
 from exporter.demo import build_tokenizer
 
+# Warnings are errors: a writer that makes torch or numpy warn (an out= buffer resized, a cast that overflows, a file
+# left open) is doing something it did not mean to. No third-party warning needed ignoring here.
+pytestmark = pytest.mark.filterwarnings("error")
+
 
 @pytest.fixture(scope="module")
 def bf16_llama(tmp_path_factory):
@@ -57,6 +61,30 @@ def test_block_size_and_workers_do_not_change_the_file(tmp_path, bf16_llama):
     write_gguf(bf16_llama, tmp_path / "many-blocks.gguf", "q8_0", block_values=700, workers=2)
     assert (tmp_path / "one-block-per-tensor.gguf").read_bytes() == (tmp_path / "many-blocks.gguf").read_bytes()
 
+
+
+@pytest.mark.parametrize("type_name", ["f16", "bf16", "f32"])
+def test_the_scratch_buffer_each_block_is_cast_into_holds_that_block_only(tmp_path, bf16_llama, monkeypatch,
+                                                                           type_name):
+    """A float type's block is cast into a reused per-thread buffer (tensor_stream.workspace): asked for exactly the
+    block's bytes in the tensor's type, the buffer grows to the largest block once and is reused; asked for more (a
+    size counted from the tensor's start rather than the block's), it is reallocated block after block, and memory
+    grows with the tensor instead of the block."""
+    import converters.gguf.writer as writer_module
+
+    itemsize = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}  # the GGML float types (norms stay F32 in every file)
+    asked: list[tuple[int, int]] = []  # (bytes the block holds in its tensor's type, bytes of the buffer given)
+    real_encode_rows = writer_module.encode_rows
+
+    def recording_encode_rows(rows, qtype, out=None):
+        asked.append((rows.numel() * itemsize[qtype], out.numel()))
+        return real_encode_rows(rows, qtype, out=out)
+
+    monkeypatch.setattr(writer_module, "encode_rows", recording_encode_rows)
+    write_gguf(bf16_llama, tmp_path / "model.gguf", type_name, block_values=1500, workers=1)
+    assert len(asked) > 21  # more blocks than LLAMA_64 has tensors (21): the embedding alone comes in 6
+    wrong = [(needed, given) for needed, given in asked if given != needed]
+    assert not wrong, f"{len(wrong)} of {len(asked)} blocks got a buffer of another size, e.g. {wrong[:3]}"
 
 def test_short_writes_are_continued_where_they_stopped(tmp_path, bf16_llama, monkeypatch):
     """os.pwrite may write less than asked (a signal, a network file system): the rest goes after what was written."""

@@ -12,6 +12,10 @@ from safetensors.torch import load_file, save_file
 from converters.safetensors_in import SafetensorsError, SafetensorsFile
 from converters.safetensors_out import FileSlice, ShardedWriter, TensorSpec
 
+# Warnings are errors: a writer that makes torch or numpy warn (an out= buffer resized, a cast that overflows, a file
+# left open) is doing something it did not mean to. No third-party warning needed ignoring here.
+pytestmark = pytest.mark.filterwarnings("error")
+
 TENSORS = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7), "c": torch.randn(64, 16),
            "d": torch.ones(2, 2, dtype=torch.float16), "scalar": torch.tensor(3.5)}
 
@@ -32,6 +36,7 @@ def test_round_trip_through_library(tmp_path, monkeypatch, use_kernel_copy):
         info = src.info(spec.name)
         writer.write(spec.name, FileSlice(src.path, info.begin, info.nbytes) if i % 2 else src.raw(spec.name))
     writer.close()
+    src.close()  # a file left open is a ResourceWarning, an error here
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     loaded = {}
     for shard in set(weight_map.values()):
