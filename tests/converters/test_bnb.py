@@ -23,6 +23,8 @@ from converters.bnb import (BnbFormatError, dequantize, dequantize_4bit, dequant
                             quantization_config, quantize_4bit, quantize_int8, skip_patterns)
 from converters.safetensors_in import SafetensorsFile
 
+pytestmark = pytest.mark.filterwarnings("error")  # the quantizers and readers must not warn (a lossy cast, a resize)
+
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)

@@ -12,6 +12,8 @@ import pytest
 
 from converters.gguf.modelfile import modelfile
 
+pytestmark = pytest.mark.filterwarnings("error")  # the Modelfile writer warns about nothing it should not
+
 TEMPLATES = {
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",

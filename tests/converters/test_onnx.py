@@ -21,6 +21,7 @@ from converters.onnx import (ARCHITECTURES, OnnxExportError, OnnxWriter, non_sta
 from converters.safetensors_in import SafetensorsFile
 
 ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("error")  # the tracer silences its own expected warnings; nothing else may warn
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, bos_token_id=0,
