@@ -21,6 +21,9 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor name -> shard file
+SINGLE_NAME = "model.safetensors"  # an unsharded checkpoint's one file
+
 HEADER_LENGTH_BYTES = 8  # little-endian u64 before the JSON header
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 HEADER_ALIGNMENT = 8  # the JSON header is padded with spaces so tensor data starts 8-byte aligned

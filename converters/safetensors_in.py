@@ -16,11 +16,67 @@ from pathlib import Path
 
 import torch
 
-from converters.safetensors_format import DTYPES, HEADER_LENGTH_BYTES, MAX_HEADER_BYTES
+from converters.errors import ConverterError
+from converters.safetensors_format import DTYPES, HEADER_LENGTH_BYTES, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ConverterError):
     """The file is not a valid safetensors file (truncated, bad header, overlapping data)."""
+
+
+class ShardIndexError(ConverterError):
+    """A checkpoint folder whose weight files cannot be told: ``what`` (the index or the folder) and ``problem`` say
+    why, ``fix`` how to mend it."""
+
+    def __init__(self, what: str, problem: str, fix: str) -> None:
+        self.what, self.problem, self.fix = what, problem, fix
+        super().__init__(f"{what}: {problem}")
+
+
+def weight_map(folder: Path) -> dict[str, str] | None:
+    """A sharded checkpoint's index (model.safetensors.index.json): tensor name -> shard file, checked to name plain
+    files of the folder; None when the folder has no index. The one place the index is read; ShardIndexError."""
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    fix = "restore the index file that came with the shards."
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardIndexError(str(index_path), f"is not UTF-8 text ({e.reason} at byte {e.start}).", fix) from e
+    except json.JSONDecodeError as e:
+        raise ShardIndexError(str(index_path), f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).",
+                              fix) from e
+    except RecursionError as e:
+        raise ShardIndexError(str(index_path), "nests JSON too deeply to be a configuration file.", fix) from e
+    if not isinstance(index, dict):
+        raise ShardIndexError(str(index_path), f"holds a JSON {type(index).__name__}, not an object.", fix)
+    mapping = index.get("weight_map")
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ShardIndexError(f"{index_path} (weight_map)", "is not an object of tensor name -> shard file name.", fix)
+    for name in set(mapping.values()):
+        if Path(name).name != name:  # "../x" or "/etc/x" would read outside the folder
+            raise ShardIndexError(f"{index_path} (weight_map)", f"names {name!r}, which is not a file in the folder.",
+                                  fix)
+    return mapping
+
+
+def shard_names(folder: Path) -> list[str]:
+    """The weight files of a Hugging Face checkpoint folder, sorted: those its shard index names, else the one
+    model.safetensors. ShardIndexError when neither can be found."""
+    mapping = weight_map(folder)
+    if mapping is not None:
+        return sorted(set(mapping.values()))
+    if (folder / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if shards:
+        raise ShardIndexError(str(folder), f"has shards ({shards[0]}, …) but no {INDEX_NAME}.",
+                              "restore the index file that came with the shards.")
+    bins = sorted(p.name for p in folder.glob("*.bin"))
+    raise ShardIndexError(str(folder), "holds no *.safetensors weights" + (f" (only {bins[0]}, a pickle)" if bins
+                                                                            else "") + ".",
+                          "re-save the base with save_pretrained(safe_serialization=True).")
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from converters.safetensors_format import HEADER_ALIGNMENT, element_size
-
-SINGLE_FILE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from converters.safetensors_format import HEADER_ALIGNMENT, INDEX_NAME, SINGLE_NAME, element_size
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
 
 def shard_file_names(n_shards: int) -> list[str]:
     if n_shards == 1:
-        return [SINGLE_FILE_NAME]
+        return [SINGLE_NAME]
     return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
 
 

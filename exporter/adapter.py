@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from converters.safetensors_in import SafetensorsError, SafetensorsFile
+from converters.safetensors_out import FileSlice
 from exporter.errors import InputError
 from exporter.schemas import check_adapter_config, read_json_object
 
@@ -107,6 +108,13 @@ class Adapter:
         if isinstance(self._tensors, SafetensorsFile):
             for key in keys:
                 self._tensors.release(key)
+
+    def raw(self, key: str) -> FileSlice | None:
+        """Where the tensor's bytes are in adapter_model.safetensors (None for a pickle: nothing to copy from)."""
+        if isinstance(self._tensors, SafetensorsFile):
+            info = self._tensors.info(key)
+            return FileSlice(self._tensors.path, info.begin, info.nbytes)
+        return None
 
     def shape(self, key: str) -> tuple[int, ...]:
         if isinstance(self._tensors, dict):

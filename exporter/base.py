@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from converters.safetensors_in import SafetensorsError, SafetensorsFile
+from converters.safetensors_format import INDEX_NAME
+from converters.safetensors_in import SafetensorsError, SafetensorsFile, ShardIndexError, TensorInfo, shard_names
 from converters.safetensors_out import FileSlice
 from converters.tensor_stream import tensor_rows, workspace
 from exporter.errors import InputError
 from exporter.schemas import check_model_config, read_json_object
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Quantization methods a base may declare in config.json that lora-export cannot read (bitsandbytes it can).
 _OTHER_QUANTIZATION = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "compressed-tensors": "compressed-tensors",
                        "hqq": "HQQ", "torchao": "torchao", "aqlm": "AQLM", "eetq": "EETQ", "quanto": "quanto",
@@ -99,6 +98,14 @@ class BaseModel:
         """A stored tensor by its checkpoint key (a zero-copy view)."""
         return self._file_of[key].tensor(key)
 
+    def stored_info(self, key: str) -> TensorInfo:
+        """A stored tensor's header entry (dtype, shape, where its bytes are), without reading it."""
+        return self._file_of[key].info(key)
+
+    def file_of(self, key: str) -> Path:
+        """The shard a checkpoint key is stored in."""
+        return self._file_of[key].path
+
     def tensor(self, name: str, device: torch.device | None = None, reuse: bool = False) -> torch.Tensor:
         """The float values: a zero-copy view of a stored tensor, or a dequantized one. ``reuse``: decode into this
         thread's reused buffer (valid until its next ``reuse`` call: fresh memory for every weight costs a page fault
@@ -166,27 +173,10 @@ def load_base(spec: str) -> BaseModel:
     quantization = _quantization(config_path, config)
 
     index_path = path / INDEX_NAME
-    if index_path.is_file():
-        index = read_json_object(index_path, "restore the index file that came with the shards.")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise InputError(f"{index_path} (weight_map)", "is not an object of tensor name -> shard file name.",
-                             "restore the index file that came with the shards.")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if Path(name).name != name:
-                raise InputError(f"{index_path} (weight_map)", f"names {name!r}, which is not a file in the folder.",
-                                 "restore the index file that came with the shards.")
-    elif (path / SINGLE_NAME).is_file():
-        names = [SINGLE_NAME]
-    else:
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
-        if not shards:
-            bins = sorted(p.name for p in path.glob("*.bin"))
-            raise InputError(str(path), "holds no *.safetensors weights" + (f" (only {bins[0]}, a pickle)" if bins else "")
-                             + ".", "re-save the base with save_pretrained(safe_serialization=True).")
-        raise InputError(str(path), f"has shards ({shards[0]}, …) but no {INDEX_NAME}.",
-                         "restore the index file that came with the shards.")
+    try:
+        names = shard_names(path)
+    except ShardIndexError as e:
+        raise InputError(e.what, e.problem, e.fix) from e
 
     files: list[SafetensorsFile] = []
     file_of: dict[str, SafetensorsFile] = {}

@@ -14,13 +14,14 @@ weight), so the caller decides where every parameter comes from; a parameter nob
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from converters.safetensors_in import shard_names
 
 WeightSource = Callable[[], torch.Tensor]
 
@@ -65,11 +66,8 @@ class CheckpointTensors:
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
         self._where: dict[str, Path] = {}
-        for name in files:
+        for name in shard_names(folder):
             with safe_open(str(folder / name), framework="pt") as handle:
                 self._where.update({key: folder / name for key in handle.keys()})
 

@@ -81,3 +81,57 @@ def test_no_import_circles():
         if start not in done:
             visit(start, [start])
     assert not cycles, cycles[:5]
+
+
+def _private_names(tree: ast.AST) -> set[str]:
+    """The _names a module defines: module-level functions, classes and variables, dataclass fields, self._x."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" and \
+                isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_module_reaches_into_another_modules_private_members():
+    """A leading underscore means "this module's business": another module reading `obj._name` or importing `_name`
+    couples to what the owner may change at will (a merge stage reading the adapter's `_tensors` did). Names torch
+    itself exposes with an underscore (`module._parameters`) are not the project's and are not counted."""
+    files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    trees = {name: ast.parse(path.read_text()) for name, path in files.items()}
+    own = {name: _private_names(tree) for name, tree in trees.items()}
+    project_private = set().union(*own.values())
+    offenders = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in project_private - own[name] and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                offenders.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and node.module in files and node.module != name:
+                offenders += [f"{name}:{node.lineno} from {node.module} import {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, offenders
+
+
+def test_every_converter_error_is_a_converter_error():
+    """The export stage tells a writer's refusal (bad input: exit 2) from a bug (exit 1) by one type,
+    converters.errors.ConverterError: every error class under converters/ must derive from it."""
+    from converters.errors import ConverterError
+
+    found = {}
+    for path in (ROOT / "converters").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                found[node.name] = module_name(path)
+    assert len(found) >= 6, found
+    import importlib
+
+    wrong = [name for name, module in found.items()
+             if not issubclass(getattr(importlib.import_module(module), name), ConverterError)]
+    assert not wrong, wrong

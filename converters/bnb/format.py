@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from converters.errors import ConverterError
+
 QUANT_METHOD = "bitsandbytes"  # config.json: quantization_config.quant_method
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -49,7 +51,7 @@ NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
 FP4_CODES_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
-class BnbFormatError(ValueError):
+class BnbFormatError(ConverterError):
     """A bitsandbytes checkpoint is incomplete or inconsistent. The message names the key and what is wrong."""
 
     def __init__(self, key: str, problem: str, fix: str | None = None) -> None:

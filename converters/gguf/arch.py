@@ -15,10 +15,12 @@ from typing import Any
 import gguf
 import torch
 
+from converters.errors import ConverterError
+
 U32, F32, STR, BOOL, BOOLS = "u32", "f32", "str", "bool", "bool[]"
 
 
-class ArchError(ValueError):
+class ArchError(ConverterError):
     """The model's architecture or configuration cannot be written as a GGUF llama.cpp runs correctly."""
 
 

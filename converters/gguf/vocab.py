@@ -21,10 +21,11 @@ from typing import Any
 import gguf
 from gguf.constants import TokenType
 
+from converters.errors import ConverterError
 from converters.gguf.hf_encoding import LazyHFEncoder
 
 
-class VocabError(ValueError):
+class VocabError(ConverterError):
     """The tokenizer cannot be written as a GGUF vocabulary llama.cpp tokenizes identically."""
 
 

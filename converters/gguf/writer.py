@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as QT
 
+from converters.errors import ConverterError
 from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
     llama3_rope_factors, metadata_keys, rope_heads, transform
 from converters.gguf.bulk_writer import BulkArrayGGUFWriter
@@ -29,14 +30,14 @@ from converters.gguf.quants import encode_rows
 from converters.gguf.types import GGUF_TYPES, GGUFType, byte_shape, tensor_type
 from converters.gguf.vocab import Vocab, load_vocab
 from converters.ordered_pool import default_workers
-from converters.safetensors_in import SafetensorsFile
+from converters.safetensors_in import SafetensorsFile, shard_names
 from converters.safetensors_out import pwrite_all
 from converters.tensor_stream import BLOCK_VALUES, StreamTensor, file_tensors, pump, within, workspace
 
 F16_MAX = 65504.0
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(ConverterError):
     """The model cannot be written as the GGUF asked for."""
 
 
@@ -297,12 +298,7 @@ class GGUFStreamWriter:
 
 
 def _shards(folder: Path) -> list[SafetensorsFile]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        names = ["model.safetensors"]
-    return [SafetensorsFile(folder / n) for n in names]
+    return [SafetensorsFile(folder / n) for n in shard_names(folder)]
 
 
 def write_gguf(folder: Path, target: Path, type_name: str = "f16", *, metadata: dict[str, str] | None = None,

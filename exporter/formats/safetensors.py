@@ -10,15 +10,15 @@ a subfolder of that name; parity runs them in transformers + bitsandbytes.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from converters.safetensors_in import read_header
-from converters.safetensors_out import INDEX_NAME, ShardedWriter
+from converters.safetensors_format import SINGLE_NAME
+from converters.safetensors_in import read_header, weight_map
+from converters.safetensors_out import ShardedWriter
 from converters.tensor_stream import Passthrough, StreamTensor, workspace
 from exporter.context import Artifact, Context
 from exporter.errors import InputError, StageCheckError
@@ -78,18 +78,14 @@ class SafetensorsSink:
 
     def _check_written(self) -> None:
         """Read back the headers: every planned tensor, with its shape and dtype, in the file the index names."""
-        index_path = self.folder / INDEX_NAME
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        else:
-            weight_map = {s.name: "model.safetensors" for s in self.specs}
+        index = weight_map(self.folder) or {spec.name: SINGLE_NAME for spec in self.specs}
         found = {}
-        for file_name in sorted(set(weight_map.values())):
+        for file_name in sorted(set(index.values())):
             infos, _, _ = read_header(self.folder / file_name)
             found.update({name: (info.dtype, info.shape, file_name) for name, info in infos.items()})
         for spec in self.specs:
             got = found.get(spec.name)
-            if got is None or got[:2] != (spec.dtype, spec.shape) or weight_map.get(spec.name) != got[2]:
+            if got is None or got[:2] != (spec.dtype, spec.shape) or index.get(spec.name) != got[2]:
                 raise StageCheckError(str(self.folder), f"tensor '{spec.name}' was not written as planned ({got}).",
                                       "report this as a bug.")
         if len(found) != len(self.specs):

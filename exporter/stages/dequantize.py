@@ -42,13 +42,13 @@ class DequantizeStage:
             def header_only(key: str, small=frozenset(entry.keys[r] for r in _SMALL_PARTS if r in entry.keys)):
                 if key in small:
                     return base.stored(key)
-                info = base._file_of[key].info(key)
+                info = base.stored_info(key)
                 return torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
 
             try:
                 validate(entry, header_only)
             except BnbFormatError as e:
-                raise InputError(str(base._file_of[entry.keys["weight"]].path), str(e),
+                raise InputError(str(base.file_of(entry.keys["weight"])), str(e),
                                  "restore the quantized checkpoint transformers saved, or merge into the "
                                  "unquantized base.") from e
             kinds[entry.kind] += 1

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from converters.errors import ConverterError
 from converters.ordered_pool import default_workers
 from converters.tensor_stream import StreamTensor, pump
 from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
-
-
-def _from_converters(error: BaseException) -> bool:
-    """A converter's own error (bad input it found while writing), as opposed to a bug."""
-    return isinstance(error, ValueError) and type(error).__module__.startswith("converters.")
 
 
 class ExportStage:
@@ -37,7 +33,7 @@ class ExportStage:
         except BaseException as e:  # Ctrl-C included: no half-written file stays open
             for _, sink in sinks:
                 sink.abort()
-            if _from_converters(e):
+            if isinstance(e, ConverterError):  # bad input a writer found; anything else is a bug (exit 1)
                 raise ExportError(f"--to {','.join(map(str, ctx.formats))}", f"{e}.") from e
             raise
         self._summarise_merge(ctx)

@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from converters.safetensors_in import SafetensorsFile
-from converters.safetensors_out import FileSlice
 from converters.tensor_stream import Rows, StreamTensor, tensor_rows
 from exporter.context import Context
 from exporter.errors import StageCheckError
 from exporter.layout import OutputTensor
 from exporter.merge_math import LoraMerge
-
-
-def _adapter_slice(ctx: Context, key: str) -> FileSlice | None:
-    tensors = ctx.adapter._tensors
-    if isinstance(tensors, SafetensorsFile):
-        info = tensors.info(key)
-        return FileSlice(tensors.path, info.begin, info.nbytes)
-    return None  # a pickle: no bytes to copy from
 
 
 def _merged_rows(ctx: Context, t: OutputTensor, rows_per_block: int) -> Rows:
@@ -69,7 +59,7 @@ def stream_tensor(ctx: Context, t: OutputTensor) -> StreamTensor:
     if t.source == "replace":
         return StreamTensor(t.name, t.shape, ctx.adapter.dtype(t.adapter_key),
                             lambda rows: tensor_rows(ctx.adapter.tensor(t.adapter_key))(rows),
-                            raw=_adapter_slice(ctx, t.adapter_key))
+                            raw=ctx.adapter.raw(t.adapter_key))
     if t.source == "bias":
         return StreamTensor(t.name, t.shape, torch.float32, lambda rows: tensor_rows(_merged_bias(ctx, t))(rows),
                             done=done)
