@@ -81,7 +81,7 @@ class ExportPlan:
     stages: tuple[str, ...] | None = None  # None: DEFAULT_STAGES (parity dropped when parity is off)
     progress: bool = True
     gguf_pre: str | None = None  # BPE pre-tokenizer name for GGUF when it cannot be identified
-    parity_memory: str = "auto"  # auto | whole | streamed: how parity holds a model (see exporter/layerwise.py)
+    parity_memory: str = "auto"  # auto | whole | streamed: how parity holds a model (see exporter/parity/layerwise.py)
     original_base: str | None = None  # the full-precision model a quantized base was made from
     merge_into: str = "dequantized"  # dequantized | original: which weights a quantized base's adapter is merged into
     min_effect_kept: float = 0.5  # warn when an artifact keeps less of the adapter's effect than this

@@ -55,10 +55,10 @@ TARGETS: dict[str, list[str]] = {
     # 61 mutants; 9 s + 8 s + 8 s
     "exporter/adapter.py": ["tests/test_bad_input.py", "tests/test_merge_vs_peft.py", "tests/test_parity.py"],
     # 48 mutants; 8 s + 7 s + 8 s + 9 s
-    "exporter/reference.py": ["tests/test_parity.py", "tests/test_golden.py", "tests/test_merge_vs_peft.py",
+    "exporter/parity/reference.py": ["tests/test_parity.py", "tests/test_golden.py", "tests/test_merge_vs_peft.py",
                               "tests/test_bad_input.py"],
     # 3 mutants; 8 s + 2 s
-    "exporter/tolerances.py": ["tests/test_parity.py", "tests/test_docs.py"],
+    "exporter/parity/tolerances.py": ["tests/test_parity.py", "tests/test_docs.py"],
     # 100 mutants; 3 s + 3 s + 35 s
     "converters/gguf/quants.py": ["tests/converters/test_gguf_quants.py", "tests/converters/test_gguf_writer.py",
                                   "tests/test_gguf.py"],

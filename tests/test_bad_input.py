@@ -154,7 +154,7 @@ def test_a_pickle_that_is_not_one_is_refused_in_one_line(good, tmp_path, damage,
 
 def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path):
     from exporter.adapter import load_adapter
-    from exporter.reference import read_adapter_terms
+    from exporter.parity.reference import read_adapter_terms
 
     base, adapter = good
     adapter = copy_adapter(adapter, tmp_path)
@@ -170,7 +170,7 @@ def test_a_pickle_with_objects_is_refused_even_with_allow_pickle(good, tmp_path)
         load_adapter(adapter)
     with pytest.raises(FileNotFoundError):
         read_adapter_terms(adapter)
-    from exporter.reference import load_reference
+    from exporter.parity.reference import load_reference
 
     with pytest.raises(FileNotFoundError):
         load_reference(base, adapter, torch.device("cpu"))

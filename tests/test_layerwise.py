@@ -1,4 +1,4 @@
-"""Parity that scales: models run module by module (exporter/layerwise.py) give what the whole model gives, the
+"""Parity that scales: models run module by module (exporter/parity/layerwise.py) give what the whole model gives, the
 reference still equals PEFT's unmerged model, and memory stays flat as the model grows.
 
 Oracles: PEFT's unmerged model, transformers' own from_pretrained forward, and peak RSS measured in child processes.
@@ -47,8 +47,8 @@ def probes(vocab: int = 128) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streamed_reference_equals_peft_unmerged(tmp_path, case):
-    from exporter.layerwise import probe_logits
-    from exporter.reference import load_reference
+    from exporter.parity.layerwise import probe_logits
+    from exporter.parity.reference import load_reference
 
     arch = case.split("-")[0]
     base = tiny_phi3(tmp_path / "base") if arch == "phi3" else build_tiny_base(tmp_path / "base", arch,
@@ -70,7 +70,7 @@ def test_streamed_artifact_equals_transformers_whole_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import run_export
-    from exporter.layerwise import CheckpointTensors, LoadedWeights, checkpoint_sources, probe_logits, skeleton
+    from exporter.parity.layerwise import CheckpointTensors, LoadedWeights, checkpoint_sources, probe_logits, skeleton
 
     base = build_tiny_base(tmp_path / "base", "gemma3", dtype=torch.bfloat16)
     adapter = train_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])

@@ -10,8 +10,8 @@ import torch
 
 from conftest import build_peft_adapter, build_tiny_base, peft_unmerged_logits, run_export
 from exporter.errors import ParityError
-from exporter.report import compare_logits, judge
-from exporter.tolerances import Tolerance
+from exporter.parity.figures import compare_logits, judge
+from exporter.parity.tolerances import Tolerance
 
 
 def test_compare_logits_hand_computed():
@@ -100,7 +100,7 @@ def test_report_json_states_what_independent_sources_say(trained_bf16, tmp_path,
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from exporter.probes import probe_inputs  # the ids parity feeds (inputs only, not figures)
+    from exporter.parity.probes import probe_inputs  # the ids parity feeds (inputs only, not figures)
 
     base, adapter = trained_bf16
     out = tmp_path / "out"
@@ -174,7 +174,7 @@ def test_accept_parity_failure_keeps_output_and_says_so(tiny, tmp_path, monkeypa
 ])
 def test_reference_hooks_equal_peft_unmerged(tmp_path, probe_ids, arch, kwargs):
     """Parity's oracle is our own hooks, so they must agree with PEFT's unmerged forward."""
-    from exporter.reference import load_reference
+    from exporter.parity.reference import load_reference
 
     base = build_tiny_base(tmp_path / "base", arch)
     adapter = build_peft_adapter(tmp_path / "adapter", base, **kwargs)
@@ -190,7 +190,7 @@ def test_reference_hooks_equal_peft_unmerged(tmp_path, probe_ids, arch, kwargs):
 
 def test_reference_applies_dora_around_a_nonzero_bias(tmp_path, probe_ids):
     """transformers initialises biases to zero, which would hide the bias term of DoRA's rescaling."""
-    from exporter.reference import load_reference
+    from exporter.parity.reference import load_reference
 
     base = build_tiny_base(tmp_path / "base", "qwen2", random_biases=True)
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, use_dora=True,

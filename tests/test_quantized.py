@@ -93,8 +93,8 @@ def test_merge_into_the_dequantized_base_equals_peft(qlora, tmp_path, kind):
 @pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
 def test_reference_is_the_unmerged_qlora_model(qlora, kind):
     from exporter.base import load_base
-    from exporter.layerwise import probe_logits
-    from exporter.reference import BaseModelTensors, load_reference
+    from exporter.parity.layerwise import probe_logits
+    from exporter.parity.reference import BaseModelTensors, load_reference
 
     _, quantized, adapter = qlora[kind]
     probes = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12)]

@@ -9,8 +9,8 @@ from exporter.context import FormatRequest
 from exporter.errors import ExportError
 from exporter.formats import gguf, gguf_lora, onnx, safetensors
 from exporter.formats.base import Format, Sink
+from exporter.parity.tolerances import Tolerance
 from exporter.registry import Registry
-from exporter.tolerances import Tolerance
 
 FORMATS: Registry[Format] = Registry("format")
 for _module in (safetensors, gguf, gguf_lora, onnx):

@@ -12,7 +12,7 @@ import torch
 from converters.tensor_stream import Encoder, StreamTensor
 from exporter.context import Artifact, Context
 from exporter.merge_math import cast_rows
-from exporter.tolerances import Tolerance
+from exporter.parity.tolerances import Tolerance
 
 
 class GatheredCast:

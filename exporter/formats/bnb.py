@@ -51,7 +51,7 @@ def require_bitsandbytes(variant: str) -> None:
 def transformers_quantized_modules(folder: Path) -> dict[str, bool]:
     """{module: is Conv1D} of the modules transformers quantizes in the model of ``folder`` (its config only)."""
     from converters.bnb import modules_not_quantized
-    from exporter.layerwise import skeleton
+    from exporter.parity.layerwise import skeleton
 
     model = skeleton(folder)
     linears = {name: type(m).__name__ == "Conv1D" for name, m in model.named_modules()

@@ -14,9 +14,9 @@ from exporter.context import Artifact, Context
 from exporter.errors import ExportError, InputError
 from exporter.formats.base import Format
 from exporter.model_files import provenance, special_tokens
-from exporter.probes import probe_texts
-from exporter.runners import llama_cpp_logits, route_llama_cpp_logs
-from exporter.tolerances import Tolerance
+from exporter.parity.probes import probe_texts
+from exporter.parity.runtimes import llama_cpp_logits, route_llama_cpp_logs
+from exporter.parity.tolerances import Tolerance
 
 DEFAULT_TYPE = "f16"
 _VOCAB_STATE = "gguf vocabulary"

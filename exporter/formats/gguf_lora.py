@@ -19,8 +19,8 @@ from exporter.errors import InputError
 from exporter.formats.base import Format
 from exporter.formats.gguf import GELU_ARCHITECTURES, GELU_F32
 from exporter.model_files import TOKENIZER_FILES, copy_tokenizer, provenance
-from exporter.runners import llama_cpp_logits
-from exporter.tolerances import Tolerance
+from exporter.parity.runtimes import llama_cpp_logits
+from exporter.parity.tolerances import Tolerance
 
 FILE_NAME = "adapter.gguf"
 

@@ -26,7 +26,7 @@ from exporter.context import Artifact, Context
 from exporter.errors import InputError
 from exporter.formats.base import Format, GatheredCast
 from exporter.model_files import copy_model_files, provenance
-from exporter.tolerances import Tolerance
+from exporter.parity.tolerances import Tolerance
 
 VARIANTS = ("fp32", "fp16", "fp32-nocache", "fp16-nocache", "bf16")
 DECODE_STEPS = 8

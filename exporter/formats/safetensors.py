@@ -25,8 +25,8 @@ from exporter.errors import InputError, StageCheckError
 from exporter.formats.base import Format
 from exporter.merge_math import cast_rows
 from exporter.model_files import copy_model_files
-from exporter.runners import transformers_folder_logits
-from exporter.tolerances import Tolerance
+from exporter.parity.runtimes import transformers_folder_logits
+from exporter.parity.tolerances import Tolerance
 
 
 class _CastEncoder:
@@ -167,7 +167,7 @@ def _bitsandbytes_logits(artifact: Artifact, ctx: Context, probes: list[torch.Te
     quantization_config says. A quantized model is a fraction of the float one, so it is held whole."""
     from transformers import AutoModelForCausalLM
 
-    from exporter.layerwise import probe_logits
+    from exporter.parity.layerwise import probe_logits
 
     model = AutoModelForCausalLM.from_pretrained(artifact.staged, device_map=str(ctx.device),
                                                  trust_remote_code=False).eval()

@@ -79,7 +79,7 @@ class DequantizeStage:
             raise InputError(str(ctx.base.path / "config.json"), "is a quantized model of an architecture transformers "
                              "does not build, so its quantized layers cannot be told apart.",
                              "merge into the unquantized base model the adapter was trained from.")
-        from exporter.layerwise import skeleton
+        from exporter.parity.layerwise import skeleton
 
         if any(type(m).__name__ == "Conv1D" for m in skeleton(ctx.base.path).modules()):
             raise InputError(str(ctx.base.path / "config.json"), "is a quantized model with Conv1D layers (GPT-2 "
@@ -94,7 +94,7 @@ class DequantizeStage:
         from converters.bnb import parse_quant_state, quantize_4bit, quantize_int8
         from converters.ordered_pool import default_workers, ordered_map, single_threaded_torch
         from exporter.formats.bnb import require_bitsandbytes
-        from exporter.runners import progress
+        from exporter.progress import progress
 
         require_bitsandbytes("--original-base")
         base, original = ctx.base, ctx.original_base

@@ -1,12 +1,12 @@
 """parity: run each artifact in the runtime its users run and compare it with the unmerged model, base + adapter.
 
-Probes (exporter/probes.py) are short texts through the output's tokenizer, a rendered chat turn, random token ids and
+Probes (exporter/parity/probes.py) are short texts through the output's tokenizer, a rendered chat turn, random token ids and
 any rows a resized vocabulary added. Text probes are judged by the format's declared tolerance, random ids (out of
 distribution, where rounding is amplified) by a looser one: see tolerances.py. The reference (float32, hooks) is
 computed once and shared by every artifact; each format says how its artifact runs and what else it checks.
 
 transformers models (the reference, safetensors artifacts) run whole when they fit in memory, else module by module
-(exporter/layerwise.py): same logits either way, memory flat in model size. --parity-memory chooses; the report says
+(exporter/parity/layerwise.py): same logits either way, memory flat in model size. --parity-memory chooses; the report says
 which ran and the peak resident memory it took.
 """
 
@@ -23,13 +23,13 @@ import torch
 from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
 from exporter.formats import FORMATS
-from exporter.layerwise import LayerwiseError, count_weighted_modules, probe_logits, return_freed_memory_to_the_os, \
-    skeleton
-from exporter.probes import Probes, probe_inputs
-from exporter.reference import BaseModelTensors, load_reference
-from exporter.report import compare_logits, format_table, judge
-from exporter.runners import PeakRss, progress
-from exporter.tolerances import RANDOM_PROBE_FACTOR, Tolerance
+from exporter.parity.figures import compare_logits, format_table, judge
+from exporter.parity.layerwise import LayerwiseError, count_weighted_modules, probe_logits, \
+    return_freed_memory_to_the_os, skeleton
+from exporter.parity.probes import Probes, probe_inputs
+from exporter.parity.reference import BaseModelTensors, load_reference
+from exporter.parity.tolerances import RANDOM_PROBE_FACTOR, Tolerance
+from exporter.progress import PeakRss, progress
 
 # Whole-model runs hold the reference (float32) and its activations: pick them only with this much room to spare.
 WHOLE_MODEL_HEADROOM, WHOLE_MODEL_SPARE_BYTES = 1.5, 2**30

@@ -1,26 +1,20 @@
-"""Running artifacts on parity's probes and watching what it costs: transformers models layer by layer or whole
-(exporter/layerwise.py), llama.cpp files one probe at a time; logits come back as (total positions, vocab) float32."""
+"""Running artifacts on parity's probes: transformers models layer by layer or whole (exporter/parity/layerwise.py),
+llama.cpp files one probe at a time; logits come back as (total positions, vocab) float32."""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
-from tqdm import tqdm
 
 from exporter.context import Context
-from exporter.layerwise import CheckpointTensors, LoadedWeights, checkpoint_sources, count_weighted_modules, \
+from exporter.parity.layerwise import CheckpointTensors, LoadedWeights, checkpoint_sources, count_weighted_modules, \
     probe_logits, skeleton
-
-
-def progress(ctx: Context, desc: str, total: int) -> tqdm:
-    return tqdm(total=total, unit="module", desc=desc, disable=not ctx.plan.progress, leave=False)
+from exporter.progress import progress
 
 
 def transformers_folder_logits(folder: Path, ctx: Context, probes: list[torch.Tensor], desc: str) -> torch.Tensor:
@@ -31,34 +25,6 @@ def transformers_folder_logits(folder: Path, ctx: Context, probes: list[torch.Te
         LoadedWeights(model, checkpoint_sources(model, CheckpointTensors(folder)), ctx.parity_mode, ctx.device,
                       bar.update)
         return probe_logits(model, probes, ctx.device)
-
-
-class PeakRss:
-    """The process's largest resident set size while the block runs (polled every 20 ms), and apart from it the
-    largest anonymous part (resident minus file-backed pages: a mapped GGUF's pages are page cache the kernel can
-    evict, not memory the run holds)."""
-
-    def __init__(self) -> None:
-        self.peak = self.peak_anon = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        me = psutil.Process()
-        while True:
-            info = me.memory_info()
-            self.peak = max(self.peak, info.rss)
-            self.peak_anon = max(self.peak_anon, info.rss - getattr(info, "shared", 0))
-            if self._stop.wait(0.02):
-                return
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 _LLAMA_LOG_CALLBACK: Any = None

@@ -1,5 +1,5 @@
 """The unmerged model: the base in float32 with the adapter applied on the fly by forward hooks, its weights loaded
-whole or module by module (exporter/layerwise.py).
+whole or module by module (exporter/parity/layerwise.py).
 
 This is parity's oracle, so it shares no code with the merge, not even the reading of the adapter: the few facts it
 needs (which modules carry LoRA, their A/B/bias/magnitude tensors, α per module, rsLoRA, modules_to_save) are read here
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.layerwise import CheckpointTensors, LoadedWeights, WeightSource, checkpoint_sources, \
+from exporter.parity.layerwise import CheckpointTensors, LoadedWeights, WeightSource, checkpoint_sources, \
     set_meta_parameter, skeleton
 
 _KEY_PREFIX = "base_model.model."

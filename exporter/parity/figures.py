@@ -1,0 +1,73 @@
+"""Parity's figures: two sets of logits compared (max |Δlogit|, KL, top-1 raw and on decisive positions), judged
+against a declared tolerance, and the human table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from exporter.parity.tolerances import DECISIVE_MARGIN, Tolerance
+
+
+@dataclass(frozen=True)
+class ParityFigures:
+    positions: int
+    max_abs: float
+    kl: float  # mean KL(ref‖out) over positions, nats
+    top1: float  # raw agreement over all positions
+    top1_decisive: float  # agreement where the reference's top-2 margin ≥ DECISIVE_MARGIN (1.0 if there are none)
+    decisive_positions: int
+
+
+def compare_logits(reference: torch.Tensor, output: torch.Tensor) -> ParityFigures:
+    """Compare (positions, vocab) logits. Both are taken to float32 (float64 for the KL sum)."""
+    ref = reference.to(torch.float32)
+    out = output.to(torch.float32)
+    if ref.shape != out.shape:
+        raise ValueError(f"logit shapes differ: reference {tuple(ref.shape)}, output {tuple(out.shape)}")
+    log_p = torch.log_softmax(ref.double(), dim=-1)
+    log_q = torch.log_softmax(out.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).mean()
+    top2 = ref.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
+    agree = ref.argmax(-1) == out.argmax(-1)
+    n_decisive = int(decisive.sum())
+    return ParityFigures(
+        positions=ref.shape[0],
+        max_abs=float((ref - out).abs().max()),
+        kl=float(kl),
+        top1=float(agree.float().mean()),
+        top1_decisive=float(agree[decisive].float().mean()) if n_decisive else 1.0,
+        decisive_positions=n_decisive,
+    )
+
+
+def judge(figures: ParityFigures, tol: Tolerance) -> list[str]:
+    """The failed criteria, as short phrases; empty when the artifact passes."""
+    failures = []
+    if tol.max_abs is not None and not figures.max_abs <= tol.max_abs:
+        failures.append(f"max|Δ| {figures.max_abs:.3g} > {tol.max_abs:g}")
+    if tol.max_kl is not None and not figures.kl <= tol.max_kl:
+        failures.append(f"KL {figures.kl:.3g} > {tol.max_kl:g}")
+    if tol.min_top1 is not None and not figures.top1_decisive >= tol.min_top1:
+        failures.append(f"top-1 {figures.top1_decisive:.2%} < {tol.min_top1:.0%}")
+    return failures
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of parity results, one row per artifact."""
+    header = ("artifact", "runtime", "dtype", "positions", "max|Δlogit|", "KL(ref‖out)", "top-1", "top-1 decisive",
+              "result")
+    lines = [header]
+    for r in rows:
+        lines.append((
+            r["format"], r["runtime"], r["dtype"], str(r["positions"]), f"{r['max_abs']:.3g}", f"{r['kl']:.3g}",
+            f"{r['top1']:.2%}", f"{r['top1_decisive']:.2%} of {r['decisive_positions']}",
+            "PASS" if r["passed"] else "FAIL: " + r["failures"],
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
