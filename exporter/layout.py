@@ -7,6 +7,7 @@ together. Module types (Linear, GPT-2's Conv1D, Embedding) come from the archite
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +23,21 @@ from exporter.errors import MismatchError
 log = logging.getLogger("lora_export")
 
 
+class Source(enum.Enum):
+    """Where an output tensor's values come from."""
+
+    COPY = "copy"  # the base tensor as stored (or cast)
+    MERGE = "merge"  # the base weight + s·B@A
+    REPLACE = "replace"  # a full tensor from the adapter (modules_to_save, a saved bias)
+    BIAS = "bias"  # the base bias + s·lora_B.bias
+
+
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor of the merged model and where its values come from."""
 
     name: str
-    source: str  # "copy" (base tensor as is or cast), "merge" (base + LoRA), "replace" (adapter tensor),
-    # "bias" (base bias + s·lora_B.bias)
+    source: Source
     base_name: str | None  # base tensor read (for copy/merge/bias); None when the adapter supplies the values
     shape: tuple[int, ...]
     dtype: torch.dtype  # output dtype
@@ -142,14 +151,14 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
             if adapter.shape(module.magnitude_key) != (n_out,):
                 problems.append(f"'{module.name}' DoRA magnitude {adapter.shape(module.magnitude_key)} but the "
                                 f"layer has {n_out} outputs")
-        merges[module.weight_name] = OutputTensor(module.weight_name, "merge", src, tuple(w_shape), out_dtype,
+        merges[module.weight_name] = OutputTensor(module.weight_name, Source.MERGE, src, tuple(w_shape), out_dtype,
                                                   module=module, adapter_key=override, layout=layout)
         if module.b_bias_key:
             bias_name = f"{module.name}.bias"
             if not base.has(bias_name):
                 problems.append(f"'{module.name}' has a LoRA bias (lora_bias) but the base layer has no bias")
             else:
-                bias_merges[bias_name] = OutputTensor(bias_name, "bias", bias_name, base.info(bias_name).shape,
+                bias_merges[bias_name] = OutputTensor(bias_name, Source.BIAS, bias_name, base.info(bias_name).shape,
                                                       out_dtype, module=module)
 
     # --- full replacements (modules_to_save) -------------------------------------------------------------------------
@@ -168,7 +177,7 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
         if new_shape != old_shape:
             updates["vocab_size"] = new_shape[0]
         dtype = out_dtype if adapter.dtype(key).is_floating_point else adapter.dtype(key)
-        replaces[name] = OutputTensor(name, "replace", None, new_shape, dtype, adapter_key=key)
+        replaces[name] = OutputTensor(name, Source.REPLACE, None, new_shape, dtype, adapter_key=key)
 
     if problems:
         raise MismatchError(str(adapter.path), f"does not fit the base model {base.path}: " + "; ".join(problems) + ".",
@@ -196,7 +205,7 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
         entry = merges.get(name) or bias_merges.get(name) or replaces.get(name)
         if entry is None:
             dtype = out_dtype if info.torch_dtype.is_floating_point else info.torch_dtype
-            entry = OutputTensor(name, "copy", name, info.shape, dtype)
+            entry = OutputTensor(name, Source.COPY, name, info.shape, dtype)
         tensors.append(entry)
     # Tied embeddings: PEFT's lm_head LoRA (or embedding LoRA) changes one end only, so the merged model has two
     # different matrices and must say so in its config, or loaders re-tie them and drop the change (peft #2018).
@@ -205,7 +214,7 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
         head = merges.get(output_weight) or replaces.get(output_weight)
         if head is None:
             info = base.info(input_weight)
-            head = OutputTensor(output_weight, "copy", input_weight, info.shape, out_dtype)
+            head = OutputTensor(output_weight, Source.COPY, input_weight, info.shape, out_dtype)
         tensors.append(head)
         updates["tie_word_embeddings"] = False
         notes.append(f"the adapter changes {'the output head' if output_weight in merges or output_weight in replaces else 'the input embedding'} "

@@ -22,3 +22,11 @@ def test_linear_architecture_table_matches_transformers(model_type):
     weights = [n for n, m in model.named_modules() if hasattr(m, "weight") and getattr(m, "weight") is not None
                and m.weight.ndim == 2 and n != input_embed]
     assert weights and all(isinstance(model.get_submodule(n), nn.Linear) for n in weights), model_type
+
+
+def test_every_source_of_an_output_tensor_has_a_way_to_stream():
+    """A new Source without a stream would surface only when a run first meets such a tensor."""
+    from exporter.layout import Source
+    from exporter.stages.merge import STREAMS
+
+    assert set(STREAMS) == set(Source)

@@ -337,7 +337,7 @@ def test_unknown_architecture_falls_back_to_shapes(tmp_path):
     unknown = _as_unknown_architecture(base, tmp_path / "unknown")
     ctx = run_export(unknown, adapter, tmp_path / "out", parity=False)
     assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
-    layouts = {t.name: t.layout for t in ctx.layout.tensors if t.source == "merge"}
+    layouts = {t.name: t.layout for t in ctx.layout.tensors if t.source.value == "merge"}
     assert set(layouts.values()) == {"conv1d"} and "transformer.h.0.attn.c_proj.weight" in layouts  # square, too
 
 

@@ -15,7 +15,7 @@ from exporter.base import BaseModel, load_base, resolve_local_or_cached
 from exporter.context import Context
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import parse_formats
-from exporter.layout import build_layout
+from exporter.layout import Source, build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
 from exporter.schemas import check_tokenizer_config, tokenizer_json_ids
 
@@ -187,7 +187,7 @@ class LoadStage:
                              "transformers.")
 
     def check(self, ctx: Context) -> None:
-        merged = {t.module.name for t in ctx.layout.tensors if t.source == "merge"}
+        merged = {t.module.name for t in ctx.layout.tensors if t.source is Source.MERGE}
         missing = sorted(set(ctx.adapter.modules) - merged)
         if missing:
             raise StageCheckError(str(ctx.adapter.path), f"LoRA modules with no place in the output: {missing[:5]}.",

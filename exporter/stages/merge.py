@@ -8,12 +8,15 @@ stored dtype is what a format writes is handed on as its location in the file (c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from converters.tensor_stream import Rows, StreamTensor, tensor_rows
+from exporter.base import BaseModel
 from exporter.context import Context
 from exporter.errors import StageCheckError
-from exporter.layout import OutputTensor
+from exporter.layout import OutputTensor, Source
 from exporter.merge_math import LoraMerge
 
 
@@ -42,28 +45,45 @@ def _merged_bias(ctx: Context, t: OutputTensor) -> torch.Tensor:
     return bias + t.module.scale * ctx.adapter.tensor(t.module.b_bias_key).to(torch.float32)
 
 
+def _released(base: BaseModel, t: OutputTensor) -> Callable[[], None] | None:
+    """Dropping the base tensor's pages once every format has it (nothing when the adapter supplies the values)."""
+    return (lambda: base.release(t.base_name)) if t.base_name else None
+
+
+def _copied(ctx: Context, t: OutputTensor) -> StreamTensor:
+    base = ctx.merge_base or ctx.base
+    return StreamTensor(t.name, t.shape, base.info(t.base_name).torch_dtype, lambda rows: base.rows(t.base_name, rows),
+                        raw=base.raw(t.base_name), done=_released(base, t))
+
+
+def _merged(ctx: Context, t: OutputTensor) -> StreamTensor:
+    base = ctx.merge_base or ctx.base
+    original = (lambda: ctx.adapter.tensor(t.adapter_key)) if t.adapter_key else (lambda: base.tensor(t.base_name))
+    return StreamTensor(t.name, t.shape, torch.float32, lambda rows: _merged_rows(ctx, t, rows),
+                        done=_released(base, t), original=original)
+
+
+def _replaced(ctx: Context, t: OutputTensor) -> StreamTensor:
+    return StreamTensor(t.name, t.shape, ctx.adapter.dtype(t.adapter_key),
+                        lambda rows: tensor_rows(ctx.adapter.tensor(t.adapter_key))(rows),
+                        raw=ctx.adapter.raw(t.adapter_key))
+
+
+def _biased(ctx: Context, t: OutputTensor) -> StreamTensor:
+    base = ctx.merge_base or ctx.base
+    return StreamTensor(t.name, t.shape, torch.float32, lambda rows: tensor_rows(_merged_bias(ctx, t))(rows),
+                        done=_released(base, t))
+
+
+# One way to stream each kind of output tensor (tests/test_layout.py checks every Source has one).
+STREAMS: dict[Source, Callable[[Context, OutputTensor], StreamTensor]] = {
+    Source.COPY: _copied, Source.MERGE: _merged, Source.REPLACE: _replaced, Source.BIAS: _biased}
+
+
 def stream_tensor(ctx: Context, t: OutputTensor) -> StreamTensor:
     """One output tensor as the stream hands it to every format (``original``: the base weight an adapted tensor
     was merged into, for formats that report how much of the change survives their quantization)."""
-    base = ctx.merge_base or ctx.base
-    done = (lambda: base.release(t.base_name)) if t.base_name else None
-    if t.source == "copy":
-        info = base.info(t.base_name)
-        return StreamTensor(t.name, t.shape, info.torch_dtype, lambda rows: base.rows(t.base_name, rows),
-                            raw=base.raw(t.base_name), done=done)
-    if t.source == "merge":
-        original = (lambda: ctx.adapter.tensor(t.adapter_key)) if t.adapter_key else \
-            (lambda: base.tensor(t.base_name))
-        return StreamTensor(t.name, t.shape, torch.float32, lambda rows: _merged_rows(ctx, t, rows), done=done,
-                            original=original)
-    if t.source == "replace":
-        return StreamTensor(t.name, t.shape, ctx.adapter.dtype(t.adapter_key),
-                            lambda rows: tensor_rows(ctx.adapter.tensor(t.adapter_key))(rows),
-                            raw=ctx.adapter.raw(t.adapter_key))
-    if t.source == "bias":
-        return StreamTensor(t.name, t.shape, torch.float32, lambda rows: tensor_rows(_merged_bias(ctx, t))(rows),
-                            done=done)
-    raise AssertionError(f"unknown tensor source {t.source}")
+    return STREAMS[t.source](ctx, t)
 
 
 class MergeStage:
