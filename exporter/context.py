@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from converters.tensor_stream import StreamTensor
     from exporter.adapter import Adapter
     from exporter.base import BaseModel
-    from exporter.formats.base import Format
     from exporter.layout import MergeLayout
 
 log = logging.getLogger("lora_export")
@@ -167,15 +166,22 @@ class Artifact:
     parity: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FormatRequest:
-    """One requested output: the format (a module of exporter/formats) and its variant, e.g. gguf + "q8_0"."""
+    """One requested output: a format's name (a module of exporter/formats, looked up in its registry) and its
+    variant, e.g. gguf + "q8_0", and what the format's pre-flight prepared for its writer (a GGUF plan and vocabulary,
+    an ONNX writer holding the traced graph). The export stage hands ``prepared`` to the format's sink and drops it
+    here; a run that fails before then aborts whatever of it can be aborted."""
 
-    format: Format
+    name: str
     variant: str | None
+    prepared: Any = None
 
     def __str__(self) -> str:
-        return f"{self.format.name}:{self.variant}" if self.variant else self.format.name
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    def same_output(self, other: FormatRequest) -> bool:
+        return (self.name, self.variant) == (other.name, other.variant)
 
 
 @dataclass
@@ -198,7 +204,6 @@ class Context:
     tokenizer_json: dict[str, Any] | None = None  # its tokenizer.json, parsed once; dropped after pre-flight
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
     tensor_stream: list[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
-    format_state: dict[str, Any] = field(default_factory=dict)  # what a format's pre-flight prepared for its writer
     parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
     config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)
     notes: list[str] = field(default_factory=list)  # things the user must know, shown and written to the report

@@ -202,9 +202,9 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
         except OSError as e:
             raise _os_error(e, ctx) from e
         finally:
-            for prepared in ctx.format_state.values():  # a writer pre-flight opened, if the run failed before export
-                if hasattr(prepared, "abort"):
-                    prepared.abort()
+            for request in ctx.formats:  # a writer a pre-flight opened, if the run failed before export took it
+                if hasattr(request.prepared, "abort"):
+                    request.prepared.abort()
             if ctx.staging is not None and ctx.staging.exists():
                 shutil.rmtree(ctx.staging, ignore_errors=True)
     return ctx

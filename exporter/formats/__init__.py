@@ -33,10 +33,15 @@ def parse_formats(texts: Iterable[str]) -> list[FormatRequest]:
             fix = f"use one of: {', '.join(allowed)}." if allowed else f"write --to {name}."
             raise ExportError(f"--to {text}", f"'{variant}' is not a {name} variant." if allowed
                               else f"{name} takes no variant.", fix)
-        request = FormatRequest(fmt, variant or None)
-        if request not in requests:
+        request = FormatRequest(fmt.name, variant or None)
+        if not any(request.same_output(r) for r in requests):
             requests.append(request)
     return requests
+
+
+def format_of(request: FormatRequest) -> Format:
+    """The format a request names."""
+    return FORMATS.get(request.name)
 
 
 def tolerance_table() -> str:
@@ -60,4 +65,4 @@ def tolerance_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMATS", "Format", "Sink", "parse_formats", "tolerance_table"]
+__all__ = ["FORMATS", "Format", "Sink", "format_of", "parse_formats", "tolerance_table"]

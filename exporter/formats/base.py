@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from converters.tensor_stream import Encoder, StreamTensor
-from exporter.context import Artifact, Context
+from exporter.context import Artifact, Context, FormatRequest
 from exporter.merge_math import cast_rows
 from exporter.parity.tolerances import Tolerance
 
@@ -51,12 +51,38 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
+class ArtifactRuntime:
+    """An artifact loaded in the runtime its users run (an ONNX Runtime session, llama.cpp, transformers), for parity:
+    its logits on the probes, any checks beyond the logits, then ``close()`` (the parity stage always calls it)."""
+
+    def logits(self, probes: list[torch.Tensor]) -> torch.Tensor:
+        """(total positions, vocab) float32 logits of the artifact on the probes, one probe at a time."""
+        raise NotImplementedError
+
+    def checks(self, tokenizer: Any) -> tuple[dict | None, list[str]]:
+        """Extra figures for the report and failures beyond the logits (e.g. a tokenizer check)."""
+        return None, []
+
+    def close(self) -> None:
+        """Release what the runtime holds (a session, a loaded model)."""
+
+
+class LogitsRuntime(ArtifactRuntime):
+    """A runtime that is one function from probes to logits, holding nothing between calls."""
+
+    def __init__(self, logits: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+        self._logits = logits
+
+    def logits(self, probes: list[torch.Tensor]) -> torch.Tensor:
+        return self._logits(probes)
+
+
 class Format:
     """Defaults shared by the formats; each format module subclasses it once."""
 
     name: str = ""
     runtime: str = ""  # where parity runs the artifact
-    checks_key: str = "checks"  # where parity_checks' figures go in the artifact's parity report
+    checks_key: str = "checks"  # where the runtime's checks() figures go in the artifact's parity report
     default_variant: str | None = None
     tolerances: dict[str, Tolerance] = {}  # by the artifact's variant
     arch_tolerances: dict[tuple[str, str], Tolerance] = {}  # by (variant, HF architecture): exceptions
@@ -65,23 +91,27 @@ class Format:
         """Accepted variant names (empty: the format takes none)."""
         return ()
 
-    def preflight(self, ctx: Context, variant: str | None) -> None:
-        """Refuse, before the merge, whatever this format cannot write: raise ExportError (and kin)."""
+    def preflight(self, ctx: Context, variants: list[str | None]) -> list[Any]:
+        """Refuse, before the merge, whatever this format cannot write (raise ExportError and kin), and return what
+        was prepared for each variant's writer, in order (kept by its request until the export stage opens the sink).
+        Called once per format with every variant asked for, so work they share is done once."""
+        return [self.prepare(ctx, variant) for variant in variants]
 
-    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+    def prepare(self, ctx: Context, variant: str | None) -> Any:
+        """One variant's pre-flight (see preflight); None when nothing is prepared."""
+        return None
+
+    def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
         """(bytes of the files it leaves, bytes it needs on top while writing them): for the disk pre-flight."""
         raise NotImplementedError
 
-    def open_sink(self, ctx: Context, variant: str | None) -> Sink:
+    def open_sink(self, ctx: Context, request: FormatRequest) -> Sink:
+        """The writer of one request, taking over what its pre-flight prepared (``request.prepared``)."""
         raise NotImplementedError
 
-    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
-        """(total positions, vocab) float32 logits of the artifact on the probes, one probe at a time."""
+    def open_runtime(self, artifact: Artifact, ctx: Context) -> ArtifactRuntime:
+        """The artifact loaded for parity in its users' runtime (the caller closes it)."""
         raise NotImplementedError
-
-    def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
-        """Extra figures for the report and failures beyond the logits (e.g. a tokenizer check)."""
-        return None, []
 
     def after_parity(self, artifact: Artifact, ctx: Context) -> None:
         """Anything the format records once its figures are known (ONNX: into the graph's metadata)."""

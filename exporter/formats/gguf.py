@@ -6,20 +6,21 @@ llama.cpp's own quantizer. Parity runs the file in llama.cpp and checks that lla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from exporter.context import Artifact, Context
+from exporter.context import Artifact, Context, FormatRequest
 from exporter.errors import ExportError, InputError
-from exporter.formats.base import Format
+from exporter.formats.base import ArtifactRuntime, Format
 from exporter.model_files import provenance, special_tokens
 from exporter.parity.probes import probe_texts
 from exporter.parity.runtimes import llama_cpp_logits, route_llama_cpp_logs
 from exporter.parity.tolerances import Tolerance
 
 DEFAULT_TYPE = "f16"
-_VOCAB_STATE = "gguf vocabulary"
 # ggml computes GELU through an fp16 lookup table, so llama.cpp's f32 logits for GELU models sit ~2e-3 from the exact
 # function (measured: llama.cpp matches an HF Gemma 2 whose GELU is rounded through fp16 to 2.5e-6).
 GELU_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -30,20 +31,26 @@ GELU_F32 = Tolerance(
 
 
 def gguf_vocab(ctx: Context) -> Any:
-    """The merged model's tokenizer as a GGUF vocabulary, loaded once per run (every GGUF type shares it)."""
+    """The merged model's tokenizer as a GGUF vocabulary (the pre-flight loads it once for every GGUF type)."""
     from converters.gguf.vocab import VocabError, load_vocab
 
-    if _VOCAB_STATE not in ctx.format_state:
-        if ctx.tokenizer_dir is None:
-            raise InputError(str(ctx.base.path), "holds no tokenizer, and neither does the adapter folder; a GGUF carries "
-                             "its tokenizer inside it.", "put the model's tokenizer files (tokenizer.json or "
-                             "tokenizer.model, tokenizer_config.json) beside the base or the adapter.")
-        try:
-            ctx.format_state[_VOCAB_STATE] = load_vocab(ctx.model_files, ctx.plan.gguf_pre, ctx.tokenizer_json)
-        except VocabError as e:
-            raise InputError(str(ctx.tokenizer_dir), f"its tokenizer cannot be written into a GGUF: {e}.",
-                             "do as the message says, or export safetensors instead (--to safetensors).") from e
-    return ctx.format_state[_VOCAB_STATE]
+    if ctx.tokenizer_dir is None:
+        raise InputError(str(ctx.base.path), "holds no tokenizer, and neither does the adapter folder; a GGUF carries "
+                         "its tokenizer inside it.", "put the model's tokenizer files (tokenizer.json or "
+                         "tokenizer.model, tokenizer_config.json) beside the base or the adapter.")
+    try:
+        return load_vocab(ctx.model_files, ctx.plan.gguf_pre, ctx.tokenizer_json)
+    except VocabError as e:
+        raise InputError(str(ctx.tokenizer_dir), f"its tokenizer cannot be written into a GGUF: {e}.",
+                         "do as the message says, or export safetensors instead (--to safetensors).") from e
+
+
+@dataclass
+class GGUFPrepared:
+    """What the pre-flight prepared for one GGUF type: the tensor plan and the vocabulary (shared by every type)."""
+
+    plan: Any  # converters.gguf.writer.GGUFPlan
+    vocab: Any  # converters.gguf.vocab.Vocab
 
 
 def _file_name(variant: str) -> str:
@@ -53,13 +60,12 @@ def _file_name(variant: str) -> str:
 class GGUFSink:
     consumes_stream = True
 
-    def __init__(self, ctx: Context, variant: str) -> None:
+    def __init__(self, ctx: Context, variant: str, prepared: GGUFPrepared) -> None:
         from converters.gguf.writer import GGUFStreamWriter
 
         self.ctx, self.variant = ctx, variant
         self.staged = ctx.staging / _file_name(variant)
-        plan = ctx.format_state[f"gguf:{variant}"]
-        self.writer = GGUFStreamWriter(self.staged, plan, gguf_vocab(ctx), metadata=provenance(ctx),
+        self.writer = GGUFStreamWriter(self.staged, prepared.plan, prepared.vocab, metadata=provenance(ctx),
                                        name=str(ctx.base.config.get("_name_or_path") or ctx.base.path.name),
                                        check_range=ctx.plan.check_finite)
         self.row_unit = self.writer.row_unit
@@ -84,7 +90,7 @@ class GGUFSink:
         for note in notes:
             if note not in self.ctx.notes:
                 self.ctx.note(note)
-        several = sum(1 for r in self.ctx.formats if r.format.name == "gguf") > 1
+        several = sum(1 for r in self.ctx.formats if r.name == "gguf") > 1
         (self.ctx.staging / (f"Modelfile.{self.variant}" if several else "Modelfile")).write_text(text)
 
 
@@ -113,11 +119,24 @@ class GGUFFormat(Format):
 
         return tuple(GGUF_TYPES)
 
-    def preflight(self, ctx: Context, variant: str | None) -> None:
-        """Architecture, every tensor's place in llama.cpp's graph, the tokenizer, llama.cpp for K-quants."""
+    def preflight(self, ctx: Context, variants: list[str | None]) -> list[GGUFPrepared]:
+        """Architecture, every tensor's place in llama.cpp's graph, the tokenizer (loaded once for every type),
+        llama.cpp for K-quants."""
+        from converters.gguf.vocab import VocabError
+
+        plans = [self._plan(ctx, variant) for variant in variants]  # the architecture first: it refuses most
+        vocab = gguf_vocab(ctx)
+        for plan in plans:
+            try:
+                vocab.pad_to(plan.embed_rows)
+            except VocabError as e:
+                raise InputError(str(ctx.tokenizer_dir), f"{e}.", "use the tokenizer the model was trained with.") from e
+        return [GGUFPrepared(plan, vocab) for plan in plans]
+
+    @staticmethod
+    def _plan(ctx: Context, variant: str) -> Any:
         from converters.gguf.arch import ArchError
         from converters.gguf.types import GGUF_TYPES
-        from converters.gguf.vocab import VocabError
         from converters.gguf.writer import GGUFExportError, GGUFPlan, require_llama_cpp
 
         config_path = ctx.base.path / "config.json"
@@ -130,19 +149,14 @@ class GGUFFormat(Format):
                 require_llama_cpp(variant)
             except GGUFExportError as e:
                 raise ExportError(f"--to gguf:{variant}", f"{e}.") from e
-        vocab = gguf_vocab(ctx)
-        try:
-            vocab.pad_to(plan.embed_rows)
-        except VocabError as e:
-            raise InputError(str(ctx.tokenizer_dir), f"{e}.", "use the tokenizer the model was trained with.") from e
-        ctx.format_state[f"gguf:{variant}"] = plan
+        return plan
 
-    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+    def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
         """The planned file (K-quants: the F32 file llama.cpp quantizes from, which also sits there meanwhile, and
         the quantized file estimated at its type's bits per value) plus the vocabulary."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-        plan = ctx.format_state[f"gguf:{variant}"]
+        plan, variant = request.prepared.plan, request.variant
         written = sum(t.nbytes for t in plan.order) + 32 * len(plan.order) + 64 * plan.embed_rows
         if plan.gguf_type is plan.written_type:
             return written, 0
@@ -150,13 +164,23 @@ class GGUFFormat(Format):
         values = sum(t.nbytes // 4 for t in plan.order)
         return values * size // block + 64 * plan.embed_rows, written
 
-    def open_sink(self, ctx: Context, variant: str | None) -> GGUFSink:
-        return GGUFSink(ctx, variant)
+    def open_sink(self, ctx: Context, request: FormatRequest) -> GGUFSink:
+        return GGUFSink(ctx, request.variant, request.prepared)
 
-    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
-        return llama_cpp_logits(artifact.staged, probes)
+    def open_runtime(self, artifact: Artifact, ctx: Context) -> ArtifactRuntime:
+        return GGUFRuntime(artifact.staged)
 
-    def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
+
+class GGUFRuntime(ArtifactRuntime):
+    """A GGUF in llama.cpp: logits with an f32 KV cache, and its tokenizer against transformers'."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def logits(self, probes: list[torch.Tensor]) -> torch.Tensor:
+        return llama_cpp_logits(self.path, probes)
+
+    def checks(self, tokenizer: Any) -> tuple[dict | None, list[str]]:
         """llama.cpp's tokenization of the GGUF against transformers', on the probe texts and a chat turn."""
         if tokenizer is None:
             return None, []
@@ -164,7 +188,7 @@ class GGUFFormat(Format):
 
         texts = probe_texts(tokenizer)
         route_llama_cpp_logs()
-        llm = Llama(model_path=str(artifact.staged), vocab_only=True, verbose=False)
+        llm = Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         try:
             mismatched = [text[:40] for text in texts
                           if llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)

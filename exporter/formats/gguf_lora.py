@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.context import Artifact, Context
+from exporter.context import Artifact, Context, FormatRequest
 from exporter.errors import InputError
-from exporter.formats.base import Format
+from exporter.formats.base import ArtifactRuntime, Format, LogitsRuntime
 from exporter.formats.gguf import GELU_ARCHITECTURES, GELU_F32
 from exporter.model_files import TOKENIZER_FILES, copy_tokenizer, provenance
 from exporter.parity.runtimes import llama_cpp_logits
@@ -52,7 +52,7 @@ class GGUFLoraFormat(Format):
         1e-3, None, None, "an f32 base GGUF with the f32 adapter applied at run time: as exact as gguf f32.")}
     arch_tolerances = {("f32", arch): GELU_F32 for arch in GELU_ARCHITECTURES}
 
-    def preflight(self, ctx: Context, variant: str | None) -> None:
+    def prepare(self, ctx: Context, variant: str | None) -> None:
         from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters
 
         adapter = ctx.adapter
@@ -81,17 +81,22 @@ class GGUFLoraFormat(Format):
         except ArchError as e:
             raise InputError(str(ctx.base.path / "config.json"), f"{e}.", "export the merged model instead.") from e
 
-    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+    def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
         """The adapter in f32; with parity on, the base as an F32 GGUF beside it while llama.cpp runs them."""
         adapter = ctx.adapter
         size = sum(4 * math.prod(adapter.shape(k)) for m in adapter.modules.values() for k in (m.a_key, m.b_key))
         base_f32 = sum(4 * math.prod(t.shape) for t in ctx.base.tensors.values()) if ctx.plan.parity else 0
         return size + 4096, base_f32
 
-    def open_sink(self, ctx: Context, variant: str | None) -> GGUFLoraSink:
+    def open_sink(self, ctx: Context, request: FormatRequest) -> GGUFLoraSink:
         return GGUFLoraSink(ctx)
 
-    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    def open_runtime(self, artifact: Artifact, ctx: Context) -> ArtifactRuntime:
+        return LogitsRuntime(lambda probes: self._logits(artifact, ctx, probes))
+
+    @staticmethod
+    def _logits(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+        """The adapter applied by llama.cpp (--lora) to an F32 GGUF of the base, written here and removed after."""
         from converters.gguf.writer import write_gguf
 
         base_gguf = ctx.staging / ".base-for-lora-parity.gguf"

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from converters.tensor_stream import StreamTensor
-from exporter.context import Artifact, Context
+from exporter.context import Artifact, Context, FormatRequest
 from exporter.errors import InputError
-from exporter.formats.base import Format, GatheredCast
+from exporter.formats.base import ArtifactRuntime, Format, GatheredCast
 from exporter.model_files import copy_model_files, provenance
 from exporter.parity.tolerances import Tolerance
 
@@ -38,16 +38,16 @@ def _split(variant: str) -> tuple[str, bool]:
 
 
 def _folder(ctx: Context, variant: str) -> str:
-    several = sum(1 for r in ctx.formats if r.format.name == "onnx") > 1
+    several = sum(1 for r in ctx.formats if r.name == "onnx") > 1
     return f"onnx-{variant}" if several else "onnx"
 
 
 class OnnxSink:
     consumes_stream = True
 
-    def __init__(self, ctx: Context, variant: str) -> None:
+    def __init__(self, ctx: Context, variant: str, writer: Any) -> None:
         self.ctx, self.variant = ctx, variant
-        self.writer = ctx.format_state[f"onnx:{variant}"]
+        self.writer = writer  # the pre-flight's OnnxWriter, its graph already traced
         self.dtype = self.writer.torch_dtype
         self.wanted = set(self.writer.wanted()) | {"lm_head.weight"}  # a tied head is checked against the embedding
         # Workers finish tensors in any order; the data file gets them in stream order, so the same inputs give the
@@ -151,7 +151,7 @@ class OnnxFormat(Format):
     def variants(self) -> tuple[str, ...]:
         return VARIANTS
 
-    def preflight(self, ctx: Context, variant: str | None) -> None:
+    def prepare(self, ctx: Context, variant: str | None) -> Any:
         """The graph, traced now from the merged config (no weights): an architecture or dtype it cannot handle is
         refused before the merge, with the reason."""
         from converters.onnx import OnnxExportError, OnnxWriter
@@ -172,51 +172,23 @@ class OnnxFormat(Format):
             shutil.rmtree(folder, ignore_errors=True)
             raise InputError(f"--to onnx:{variant}", f"{e}.", "export safetensors or GGUF instead, or fp32/fp16 for "
                              "bf16." if dtype == "bf16" else "export safetensors or GGUF instead.") from e
-        ctx.format_state[f"onnx:{variant}"] = writer
+        return writer
 
-    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+    def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
         """Every float weight once in the graph's dtype; a tied embedding twice (the Gather reads it as stored, the
         output head as its transpose)."""
-        itemsize = 2 if variant.startswith("fp16") else 4
+        itemsize = 2 if request.variant.startswith("fp16") else 4
         values = sum(math.prod(t.shape) for t in ctx.layout.tensors if t.dtype.is_floating_point)
         if ctx.merged_config.get("tie_word_embeddings"):
             values += sum(math.prod(t.shape) for t in ctx.layout.tensors if t.name.endswith("embed_tokens.weight"))
         return values * itemsize, 0
 
-    def open_sink(self, ctx: Context, variant: str | None) -> OnnxSink:
-        return OnnxSink(ctx, variant)
+    def open_sink(self, ctx: Context, request: FormatRequest) -> OnnxSink:
+        return OnnxSink(ctx, request.variant, request.prepared)
 
-    @staticmethod
-    def _session_key(artifact: Artifact) -> str:
-        return f"onnx-session:{artifact.staged}"
-
-    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
-        """Each probe as a prefill from an empty past (or the plain graph), one at a time. The session is kept for
-        parity_checks, which the parity stage calls next: loading it reads every weight and optimises the graph."""
-        session = ctx.format_state[self._session_key(artifact)] = _session(artifact.staged / "model.onnx")
-        return torch.cat([torch.from_numpy(_run(session, p.tolist(), None, len(p))[0]) for p in probes])
-
-    def parity_checks(self, artifact: Artifact, ctx: Context, tokenizer: Any) -> tuple[dict | None, list[str]]:
-        """With the KV cache: a prefill of 8 random ids, then DECODE_STEPS more one at a time from the presents, must
-        give the full recompute's logits for every one of them."""
-        dtype, kv_cache = _split(artifact.variant)
-        session = ctx.format_state.pop(self._session_key(artifact), None)
-        if not kv_cache:
-            return None, []
-        session = session or _session(artifact.staged / "model.onnx")
-        gen = torch.Generator().manual_seed(0)
+    def open_runtime(self, artifact: Artifact, ctx: Context) -> OnnxRuntime:
         vocab = int(ctx.merged_config.get("vocab_size") or 32)
-        ids = torch.randint(0, min(vocab, ctx.layout.base_vocab or vocab), (8 + DECODE_STEPS,), generator=gen).tolist()
-        full, _ = _run(session, ids, None, len(ids))
-        logits, past = _run(session, ids[:8], None, 8)
-        worst = float(np.abs(logits - full[:8]).max())
-        for i in range(8, len(ids)):
-            step, past = _run(session, [ids[i]], past, i + 1)
-            worst = max(worst, float(np.abs(step[0] - full[i]).max()))
-        scale = max(1.0, float(np.abs(full).max()))
-        bound = self.DECODE_TOLERANCE[dtype] * scale
-        figures = {"decode_steps": DECODE_STEPS, "max_abs_vs_recompute": worst, "logit_scale": scale, "bound": bound}
-        return figures, ([] if worst <= bound else [f"KV-cache decode differs from the recompute by {worst:.3g}"])
+        return OnnxRuntime(artifact, min(vocab, ctx.layout.base_vocab or vocab), self.DECODE_TOLERANCE)
 
     def after_parity(self, artifact: Artifact, ctx: Context) -> None:
         """The parity figures into model.onnx's metadata_props, beside the provenance (graph only: a small file)."""
@@ -227,6 +199,42 @@ class OnnxFormat(Format):
         figures = {k: artifact.parity[k] for k in ("runtime", "max_abs", "kl", "top1", "top1_decisive", "passed")}
         model.metadata_props.add(key="lora_export.parity", value=json.dumps(figures))
         onnx.save(model, str(path))
+
+
+class OnnxRuntime(ArtifactRuntime):
+    """The folder in ONNX Runtime: one session (loading it reads every weight and optimises the graph) serves the
+    logits and the KV-cache check, and is dropped at close()."""
+
+    def __init__(self, artifact: Artifact, vocab: int, decode_tolerance: dict[str, float]) -> None:
+        self.artifact, self.vocab, self.decode_tolerance = artifact, vocab, decode_tolerance
+        self.session: Any = _session(artifact.staged / "model.onnx")
+
+    def logits(self, probes: list[torch.Tensor]) -> torch.Tensor:
+        """Each probe as a prefill from an empty past (or the plain graph), one at a time."""
+        return torch.cat([torch.from_numpy(_run(self.session, p.tolist(), None, len(p))[0]) for p in probes])
+
+    def checks(self, tokenizer: Any) -> tuple[dict | None, list[str]]:
+        """With the KV cache: a prefill of 8 random ids, then DECODE_STEPS more one at a time from the presents, must
+        give the full recompute's logits for every one of them."""
+        dtype, kv_cache = _split(self.artifact.variant)
+        if not kv_cache:
+            return None, []
+        session = self.session
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.vocab, (8 + DECODE_STEPS,), generator=gen).tolist()
+        full, _ = _run(session, ids, None, len(ids))
+        logits, past = _run(session, ids[:8], None, 8)
+        worst = float(np.abs(logits - full[:8]).max())
+        for i in range(8, len(ids)):
+            step, past = _run(session, [ids[i]], past, i + 1)
+            worst = max(worst, float(np.abs(step[0] - full[i]).max()))
+        scale = max(1.0, float(np.abs(full).max()))
+        bound = self.decode_tolerance[dtype] * scale
+        figures = {"decode_steps": DECODE_STEPS, "max_abs_vs_recompute": worst, "logit_scale": scale, "bound": bound}
+        return figures, ([] if worst <= bound else [f"KV-cache decode differs from the recompute by {worst:.3g}"])
+
+    def close(self) -> None:
+        self.session = None
 
 
 FORMAT = OnnxFormat()

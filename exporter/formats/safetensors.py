@@ -20,9 +20,9 @@ from converters.safetensors_format import SINGLE_NAME
 from converters.safetensors_in import read_header, weight_map
 from converters.safetensors_out import ShardedWriter
 from converters.tensor_stream import Passthrough, StreamTensor, workspace
-from exporter.context import Artifact, Context
+from exporter.context import Artifact, Context, FormatRequest
 from exporter.errors import InputError, StageCheckError
-from exporter.formats.base import Format
+from exporter.formats.base import ArtifactRuntime, Format, LogitsRuntime
 from exporter.merge_math import cast_rows
 from exporter.model_files import copy_model_files
 from exporter.parity.runtimes import transformers_folder_logits
@@ -104,7 +104,7 @@ class SafetensorsFormat(Format):
         "bfloat16": Tolerance(
             None, 1e-3, 0.99,
             "bf16 storage keeps 8 mantissa bits, so logits move by ~1e-2 and near-ties flip; the distribution must "
-            "not. Run with float32 compute (see run_parity), PEFT's own bf16 merge of Gemma 3 270M measures KL ≈ 1e-4."),
+            "not. Run with float32 compute (see open_runtime), PEFT's own bf16 merge of Gemma 3 270M measures KL ≈ 1e-4."),
         "float16": Tolerance(
             None, 1e-3, 0.99,
             "fp16 storage rounds weights to 11 mantissa bits: smaller error than bf16, judged the same way."),
@@ -123,7 +123,7 @@ class SafetensorsFormat(Format):
 
         return tuple(VARIANTS)
 
-    def preflight(self, ctx: Context, variant: str | None) -> None:
+    def prepare(self, ctx: Context, variant: str | None) -> None:
         if variant is not None:
             from transformers import CONFIG_MAPPING
 
@@ -135,7 +135,8 @@ class SafetensorsFormat(Format):
                                  " is not one transformers builds, so which of its modules transformers would quantize "
                                  "is unknown.", "export --to safetensors (float) instead.")
 
-    def output_bytes(self, ctx: Context, variant: str | None) -> tuple[int, int]:
+    def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
+        variant = request.variant
         if variant is None:
             return sum(t.spec().nbytes for t in ctx.layout.tensors), 0
         from exporter.formats.bnb import estimated_bytes
@@ -143,14 +144,14 @@ class SafetensorsFormat(Format):
         size = estimated_bytes(ctx, variant)
         return size, size  # the parts are spilled, then assembled into the shards
 
-    def open_sink(self, ctx: Context, variant: str | None) -> Any:
-        if variant is None:
+    def open_sink(self, ctx: Context, request: FormatRequest) -> Any:
+        if request.variant is None:
             return SafetensorsSink(ctx, ctx.staging)
         from exporter.formats.bnb import BnbSink
 
-        return BnbSink(ctx, variant)
+        return BnbSink(ctx, request.variant)
 
-    def run_parity(self, artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:
+    def open_runtime(self, artifact: Artifact, ctx: Context) -> ArtifactRuntime:
         """The folder's weights exactly as stored, computed in float32 (whole or layer by layer).
 
         float32 compute makes the figures measure the artifact (the merge and the rounding of its weights), not bf16
@@ -158,8 +159,9 @@ class SafetensorsFormat(Format):
         random-token probes, the same for any bf16 model, PEFT's own merge included.
         """
         if artifact.variant in ("float32", "bfloat16", "float16"):
-            return transformers_folder_logits(artifact.staged, ctx, probes, "parity safetensors")
-        return _bitsandbytes_logits(artifact, ctx, probes)
+            return LogitsRuntime(lambda probes: transformers_folder_logits(artifact.staged, ctx, probes,
+                                                                           "parity safetensors"))
+        return LogitsRuntime(lambda probes: _bitsandbytes_logits(artifact, ctx, probes))
 
 
 def _bitsandbytes_logits(artifact: Artifact, ctx: Context, probes: list[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from converters.ordered_pool import default_workers
 from converters.tensor_stream import StreamTensor, pump
 from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
+from exporter.formats import format_of
 
 
 class ExportStage:
@@ -23,8 +24,8 @@ class ExportStage:
         sinks = []
         try:
             for request in ctx.formats:
-                sinks.append((request, request.format.open_sink(ctx, request.variant)))
-            ctx.format_state.clear()  # what pre-flight prepared (a GGUF vocabulary, …) is in the files' headers now
+                sinks.append((request, format_of(request).open_sink(ctx, request)))
+                request.prepared = None  # the sink owns it now (a GGUF vocabulary goes once its header is written)
             writers = [sink for _, sink in sinks if sink.consumes_stream]
             if writers:
                 self._pump(ctx, writers)

@@ -14,7 +14,7 @@ from exporter.adapter import load_adapter
 from exporter.base import BaseModel, load_base, resolve_local_or_cached
 from exporter.context import Context
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
-from exporter.formats import parse_formats
+from exporter.formats import format_of, parse_formats
 from exporter.layout import Source, build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
 from exporter.schemas import check_tokenizer_config, tokenizer_json_ids
@@ -101,8 +101,13 @@ class LoadStage:
         if "parity" in plan.stage_names():
             self._check_transformers_knows(ctx)
         # Everything each format needs is checked now, before the merge: a refusal costs seconds, not the merge.
-        for request in ctx.formats:
-            request.format.preflight(ctx, request.variant)
+        # Each format gets all its variants at once (a GGUF vocabulary serves every type); what it prepared stays
+        # with each request until the export stage opens its writer.
+        for name in dict.fromkeys(request.name for request in ctx.formats):
+            requests = [request for request in ctx.formats if request.name == name]
+            prepared = format_of(requests[0]).preflight(ctx, [request.variant for request in requests])
+            for request, ready in zip(requests, prepared, strict=True):
+                request.prepared = ready
         self._check_disk_space(ctx)
         ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
@@ -135,7 +140,7 @@ class LoadStage:
     def _check_disk_space(ctx: Context) -> None:
         """Every artifact's size is known from the plan: refuse now, with the figures, what would not fit, rather
         than fail on a full disk an hour into a merge (staging sits beside --out, on the same disk)."""
-        sizes = [request.format.output_bytes(ctx, request.variant) for request in ctx.formats]
+        sizes = [format_of(request).output_bytes(ctx, request) for request in ctx.formats]
         need = sum(final for final, _ in sizes) + max((transient for _, transient in sizes), default=0) + 2**20
         free = shutil.disk_usage(ctx.staging).free
         ctx.report["disk"] = {"needed_bytes": need, "free_bytes": free}

@@ -13,6 +13,7 @@ which ran and the peak resident memory it took.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import closing
 import logging
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,9 @@ class ParityStage:
         adapter_kl = compare_logits(effect_ref, base_logits[judged_rows[base_rows]]).kl if effect_rows.any() else 0.0
         for artifact in ctx.artifacts:
             fmt = FORMATS.get(artifact.format)
-            out_logits = fmt.run_parity(artifact, ctx, probes.inputs)
+            with closing(fmt.open_runtime(artifact, ctx)) as runtime:
+                out_logits = runtime.logits(probes.inputs)
+                extra, extra_failures = runtime.checks(tok)
             tol = _tolerance(ctx, artifact.format, artifact.variant)
             if text_rows.any():
                 # In-distribution text is judged by the declared tolerance, random ids by the looser one.
@@ -173,7 +176,6 @@ class ParityStage:
             else:
                 figures = compare_logits(ref_logits, out_logits)
                 failures, random_part = judge(figures, tol), None
-            extra, extra_failures = fmt.parity_checks(artifact, ctx, tok)
             failures += extra_failures
             if tol.broken_kl is not None and figures.kl > adapter_kl + tol.broken_kl:
                 failures.append(f"KL {figures.kl:.3g} > the base's own {adapter_kl:.3g} + {tol.broken_kl:g}")
