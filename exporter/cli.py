@@ -82,7 +82,7 @@ def reported_errors() -> Iterator[None]:
 
 
 def _print_result(ctx) -> None:
-    table = ctx.report.get("parity_table")
+    table = ctx.parity.table if ctx.parity else None
     if table:
         click.echo(table)
     click.echo(f"wrote {ctx.plan.out} (report: {ctx.plan.out / 'report.json'})")

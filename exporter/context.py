@@ -14,10 +14,10 @@ import torch
 from exporter.errors import ExportError
 
 if TYPE_CHECKING:
-    from converters.tensor_stream import StreamTensor
     from exporter.adapter import Adapter
     from exporter.base import BaseModel
     from exporter.layout import MergeLayout
+    from exporter.merge_stream import MergeStream
 
 log = logging.getLogger("lora_export")
 
@@ -164,6 +164,7 @@ class Artifact:
     staged: Path  # where it is written until the run succeeds
     variant: str = ""  # the dtype (safetensors) or type (GGUF) it was written in
     parity: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # what its writer measured (bitsandbytes: what survived)
 
 
 @dataclass(eq=False)
@@ -184,32 +185,74 @@ class FormatRequest:
         return (self.name, self.variant) == (other.name, other.variant)
 
 
+@dataclass(frozen=True)
+class InputFacts:
+    """What load found out about the inputs, for the report: where they are, their hashes, whose tokenizer the output
+    carries, the disk space checked, the original base of a quantized one."""
+
+    base: str
+    adapter: str
+    adapter_sha256: dict[str, str]
+    tokenizer_from: str | None = None
+    disk: dict[str, int] = field(default_factory=dict)  # needed_bytes, free_bytes
+    original_base: dict[str, str] | None = None  # path, merged_into
+
+
+@dataclass(frozen=True)
+class ParityOutcome:
+    """What parity found beyond each artifact's own figures (those are on the artifacts)."""
+
+    reference: str  # what the artifacts were compared with, in words
+    run: dict[str, Any]  # how the models were held (whole or module by module), why, and the peak memory it took
+    table: str  # the human table, one row per artifact
+
+
 @dataclass
 class Context:
-    """State shared by the stages of one run. Stages read what earlier ones left and add their own."""
+    """One run. Each stage writes only its own fields (tests/test_layering.py holds them to it) and later stages
+    read them; the runner owns staging, timings and the final report.
+
+    load:        formats (each request with what its format's pre-flight prepared), base, original_base, merge_base,
+                 adapter, device, out_dtype, layout, config_updates, merged_config, model_files, tokenizer_dir,
+                 tokenizer_json (dropped once the formats have read it), base_hashes, inputs
+    dequantize:  dequantized (what a bitsandbytes base was presented as)
+    merge:       merge (a MergeStream: the merge itself, pulled once by the export stage's writers)
+    export:      artifacts
+    parity:      parity_mode, parity (and each artifact's figures, artifact.parity)
+    runner:      staging, timings, report (report.json as written); anyone: note()
+    """
 
     plan: ExportPlan
+    # load
+    formats: list[FormatRequest] = field(default_factory=list)
     base: BaseModel | None = None
     original_base: BaseModel | None = None  # --original-base: the full-precision model a quantized base came from
     merge_base: BaseModel | None = None  # --merge-into original: the weights merged into, when not the base's own
     adapter: Adapter | None = None
     device: torch.device = torch.device("cpu")
     out_dtype: torch.dtype | None = None
-    staging: Path | None = None  # temporary folder beside the target; renamed into place on success
-    layout: MergeLayout | None = None  # set by load
-    formats: list[FormatRequest] = field(default_factory=list)  # set by load
+    layout: MergeLayout | None = None
+    config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)
     merged_config: dict[str, Any] = field(default_factory=dict)  # config.json of the merged model
     model_files: Path | None = None  # config.json + generation config + tokenizer of the merged model (no weights)
     tokenizer_dir: Path | None = None  # the folder whose tokenizer the output carries (adapter's, else base's)
     tokenizer_json: dict[str, Any] | None = None  # its tokenizer.json, parsed once; dropped after pre-flight
     base_hashes: Any = None  # sha256 of the base shards, computed in the background while the merge runs
-    tensor_stream: list[StreamTensor] | None = None  # merge → export: every output tensor, once, in order
-    parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
-    config_updates: dict[str, Any] = field(default_factory=dict)  # changes to config.json (vocab, tying)
-    notes: list[str] = field(default_factory=list)  # things the user must know, shown and written to the report
+    inputs: InputFacts | None = None
+    # dequantize
+    dequantized: dict[str, Any] | None = None
+    # merge
+    merge: MergeStream | None = None
+    # export
     artifacts: list[Artifact] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
+    # parity
+    parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
+    parity: ParityOutcome | None = None
+    # the runner
+    staging: Path | None = None  # temporary folder beside the target; renamed into place on success
     timings: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # report.json as written
+    notes: list[str] = field(default_factory=list)  # things the user must know, shown and written to the report
 
     def note(self, text: str) -> None:
         log.warning(text)

@@ -187,10 +187,14 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
                 stage.check(ctx)
                 ctx.timings[stage.name] = time.perf_counter() - start
                 log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
+            if ctx.merge is not None and "export" in ctx.timings:
+                # The merge runs while the export stage pumps its stream: its time is the merge's, not the export's.
+                ctx.timings["merge"] = ctx.timings.get("merge", 0.0) + ctx.merge.seconds
+                ctx.timings["export"] -= ctx.merge.seconds
             failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity["passed"]]
             if ctx.model_files is not None:
                 shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
-            write_run_outputs(ctx)
+            ctx.report = write_run_outputs(ctx)
             if failed and not plan.accept_parity_failure:
                 # Keep the figures for the user, outside the (discarded) output.
                 report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from datetime import datetime, timezone
@@ -14,7 +15,7 @@ VERSION = "0.1.0"
 
 
 def _merge_summary(ctx: Any) -> dict[str, Any]:
-    merged = ctx.report.get("merge", [])
+    merged = ctx.merge.statistics() if ctx.merge is not None else []
     adapter = ctx.adapter
     scales = sorted({round(m["scale"], 8) for m in merged})
     return {
@@ -30,11 +31,14 @@ def _merge_summary(ctx: Any) -> dict[str, Any]:
 
 
 def build_report(ctx: Any) -> dict[str, Any]:
+    """report.json, from what each stage handed on (exporter/context.py's Context says which stage wrote what)."""
     hashes = ctx.base_hashes.wait() if ctx.base_hashes is not None else {}
+    inputs = ctx.inputs
+    requantize = {a.variant: a.details["requantize"] for a in ctx.artifacts if "requantize" in a.details}
     return {
         "lora_export_version": VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {**ctx.report.get("inputs", {}), "base_sha256": hashes},
+        "inputs": (dataclasses.asdict(inputs) if inputs else {}) | {"base_sha256": hashes},
         "output_dtype": str(ctx.out_dtype).replace("torch.", "") if ctx.out_dtype else None,
         "device": str(ctx.device),
         "config_updates": ctx.config_updates,
@@ -43,10 +47,10 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "artifacts": [
             {"format": a.format, "path": str(a.path), "parity": a.parity} for a in ctx.artifacts
         ],
-        "dequantize": ctx.report.get("dequantize"),
-        "requantize": ctx.report.get("requantize"),
-        "parity_reference": ctx.report.get("parity_reference"),
-        "parity_run": ctx.report.get("parity_run"),
+        "dequantize": ctx.dequantized,
+        "requantize": requantize or None,
+        "parity_reference": ctx.parity.reference if ctx.parity else None,
+        "parity_run": ctx.parity.run if ctx.parity else None,
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
     }
 
@@ -97,7 +101,6 @@ def model_card(report: dict[str, Any]) -> str:
 def write_run_outputs(ctx: Any) -> dict[str, Any]:
     """report.json and README.md (model card) into the staging folder."""
     report = build_report(ctx)
-    ctx.report_final = report
     (ctx.staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (ctx.staging / "README.md").write_text(model_card(report))
     return report

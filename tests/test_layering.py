@@ -135,3 +135,97 @@ def test_every_converter_error_is_a_converter_error():
     wrong = [name for name, module in found.items()
              if not issubclass(getattr(importlib.import_module(module), name), ConverterError)]
     assert not wrong, wrong
+
+
+def test_no_import_circles_counting_type_only_imports():
+    """An import under `if TYPE_CHECKING:` still ties two modules together for a reader and a type checker: the
+    pipeline's modules form no circle even counting those (the context once named the formats' behaviour type)."""
+    files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+    def every_import(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        return names
+
+    graph = {name: {m for m in every_import(path) if m in files and m != name} for name, path in files.items()}
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for dep in sorted(graph[name]):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(name)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    assert not cycles, cycles[:5]
+
+
+# Who writes each field of the run's Context (exporter/context.py): the stage whose result it is, or the runner.
+CONTEXT_OWNERS = {
+    "exporter.stages.load": {"formats", "base", "original_base", "merge_base", "adapter", "device", "out_dtype",
+                             "layout", "config_updates", "merged_config", "model_files", "tokenizer_dir",
+                             "tokenizer_json", "base_hashes", "inputs"},
+    "exporter.stages.dequantize": {"dequantized"},
+    "exporter.stages.merge": {"merge"},
+    "exporter.stages.export": {"artifacts"},
+    "exporter.stages.parity": {"parity_mode", "parity"},
+    "exporter.pipeline": {"staging", "timings", "report"},
+    "exporter.context": {"notes"},  # through Context.note
+}
+_MUTATORS = {"append", "extend", "update", "clear", "pop", "popitem", "setdefault", "insert", "remove", "add",
+             "discard"}
+
+
+def _context_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, field) for every write to ctx.<field> / self.ctx.<field>: assigned, item-assigned, or changed in place."""
+
+    def field_of(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Attribute) and (
+                (isinstance(node.value, ast.Name) and node.value.id == "ctx")
+                or (isinstance(node.value, ast.Attribute) and node.value.attr == "ctx")):
+            return node.attr
+        return None
+
+    writes = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        for target in targets:
+            for part in ast.walk(target):
+                if isinstance(part, ast.Subscript) and field_of(part.value):
+                    writes.append((node.lineno, field_of(part.value)))
+                elif isinstance(part, ast.Attribute) and isinstance(part.ctx, ast.Store) and field_of(part):
+                    writes.append((node.lineno, field_of(part)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS \
+                and field_of(node.func.value):
+            writes.append((node.lineno, field_of(node.func.value)))
+    return writes
+
+
+def test_each_context_field_is_written_by_its_owner_only():
+    """The stages hand results on through the Context, each writing only its own fields: a field set by one stage
+    and rewritten by another (or by a format) is a side channel no one can follow."""
+    from exporter.context import Context
+
+    owned = set().union(*CONTEXT_OWNERS.values())
+    fields = set(Context.__dataclass_fields__) - {"plan"}
+    assert owned == fields, f"give every Context field one owner: {sorted(fields ^ owned)}"
+    owner_of = {f: module for module, fs in CONTEXT_OWNERS.items() for f in fs}
+    offenders = []
+    for path in (ROOT / "exporter").rglob("*.py"):
+        name = module_name(path)
+        for line, field in _context_writes(ast.parse(path.read_text())):
+            if owner_of.get(field) != name:
+                offenders.append(f"{name}:{line} writes ctx.{field} (owned by {owner_of.get(field, 'nobody')})")
+    assert not offenders, offenders

@@ -69,7 +69,7 @@ def test_rslora_scale_equals_peft(tmp_path):
                                  target_modules=["q_proj", "v_proj"])
     ctx = run_export(base, adapter, tmp_path / "out")
     assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
-    assert ctx.report["merge"][0]["scale"] == pytest.approx(8 / 16**0.5)  # α/√r, not α/r
+    assert ctx.report["merge"]["per_tensor"][0]["scale"] == pytest.approx(8 / 16**0.5)  # α/√r, not α/r
 
 
 def test_rank_and_alpha_patterns_equal_peft(tmp_path):
@@ -80,7 +80,7 @@ def test_rank_and_alpha_patterns_equal_peft(tmp_path):
         alpha_pattern={"v_proj": 64, r"layers\.0\.mlp\.up_proj": 3})
     ctx = run_export(base, adapter, tmp_path / "out")
     assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
-    scales = {m["tensor"]: m["scale"] for m in ctx.report["merge"]}
+    scales = {m["tensor"]: m["scale"] for m in ctx.report["merge"]["per_tensor"]}
     assert scales["model.layers.1.self_attn.q_proj.weight"] == pytest.approx(16 / 2)
     assert scales["model.layers.0.mlp.down_proj.weight"] == pytest.approx(16 / 4)
     assert scales["model.layers.0.self_attn.v_proj.weight"] == pytest.approx(64 / 8)
@@ -274,7 +274,7 @@ def test_reported_relative_change_is_the_norm_ratio(tmp_path):
                                      **kwargs)
         ctx = run_export(base, adapter, tmp_path / f"out-{kind}", dtype="float32", parity=False)
         peft = peft_merged_state(base, adapter)
-        reported = {m["tensor"]: m["relative_change"] for m in ctx.report["merge"]}
+        reported = {m["tensor"]: m["relative_change"] for m in ctx.report["merge"]["per_tensor"]}
         assert len(reported) == 4
         for name, ratio in reported.items():
             expected = float((peft[name] - original[name]).norm() / original[name].norm())
@@ -292,7 +292,7 @@ def test_config_without_r_alpha_or_rslora_uses_peft_defaults(tmp_path):
     config_path.write_text(json.dumps(config))
     ctx = run_export(base, adapter, tmp_path / "out", dtype="float32")
     assert_matches_peft(load_output(tmp_path / "out"), peft_merged_state(base, adapter))
-    assert {m["scale"] for m in ctx.report["merge"]} == {1.0}
+    assert {m["scale"] for m in ctx.report["merge"]["per_tensor"]} == {1.0}
     from exporter.inspect import describe
 
     info = describe(str(adapter), None, None)
@@ -314,7 +314,8 @@ def test_trained_adapter_on_a_bf16_base(tmp_path):
     parity = ctx.artifacts[0].parity
     # Measured KL 4e-5 (bf16 rounding of the merged weights); the declared bf16 tolerance is 1e-3.
     assert parity["passed"] and parity["kl"] <= 2e-4
-    assert min(m["relative_change"] for m in ctx.report["merge"]) > 0.01  # training moved every adapted weight
+    # training moved every adapted weight
+    assert min(m["relative_change"] for m in ctx.report["merge"]["per_tensor"]) > 0.01
 
 
 def _as_unknown_architecture(base, folder):
@@ -358,15 +359,15 @@ def test_parity_on_an_architecture_transformers_cannot_build_is_a_clear_error(tm
 
 
 def _small_row_blocks(monkeypatch, block_values: int) -> dict[str, list[tuple[int, int]]]:
-    """The export stage pumps blocks of about ``block_values`` values; returns the merge's blocks per tensor, as they
-    are computed (by the pump's workers, each with single-threaded torch, as in every run on 2 or more cores)."""
+    """The merge stream is pumped in blocks of about ``block_values`` values; returns the merge's blocks per tensor, as
+    they are computed (by the pump's workers, each with single-threaded torch, as in every run on 2 or more cores)."""
     import functools
 
-    import exporter.stages.export as export_stage
+    import exporter.merge_stream as merge_stream
     import exporter.stages.merge as merge_stage
     from converters import tensor_stream
 
-    monkeypatch.setattr(export_stage, "pump", functools.partial(tensor_stream.pump, block_values=block_values))
+    monkeypatch.setattr(merge_stream, "pump", functools.partial(tensor_stream.pump, block_values=block_values))
     blocks: dict[str, list[tuple[int, int]]] = {}
 
     class RecordingMerge(merge_stage.LoraMerge):

@@ -178,3 +178,59 @@ def test_the_plan_takes_the_cli_words_that_mean_one_thing(tiny, tmp_path):
     ctx = run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", parity="off",
                                   progress=False))
     assert "parity" not in ctx.timings and all(a.parity is None for a in ctx.artifacts)  # parity really did not run
+
+
+def test_a_format_installed_through_an_entry_point_runs_like_a_built_in_one(tiny, tmp_path, monkeypatch):
+    """A package adds a format through the entry-point group lora_export.formats, as a stage comes through
+    lora_export.stages: `--to` finds it, its pre-flight's result reaches its sink, its file lands in the output."""
+    import exporter.formats as formats
+    from exporter.context import Artifact
+    from exporter.formats.base import Format
+    from exporter.registry import Registry
+
+    class NamesSink:
+        consumes_stream = False
+
+        def __init__(self, ctx, prepared):
+            self.ctx, self.prepared = ctx, prepared
+
+        def close(self):
+            path = self.ctx.staging / "names.txt"
+            path.write_text("\n".join([self.prepared] + [t.name for t in self.ctx.layout.tensors]) + "\n")
+            return [Artifact("names", self.ctx.plan.out / path.name, path)]
+
+        def abort(self):
+            pass
+
+    class NamesFormat(Format):
+        name = "names"
+
+        def prepare(self, ctx, variant):
+            return f"{len(ctx.layout.tensors)} tensors"
+
+        def output_bytes(self, ctx, request):
+            return 4096, 0
+
+        def open_sink(self, ctx, request):
+            return NamesSink(ctx, request.prepared)
+
+    class EntryPoint:
+        name, value = "names", "tests:NamesFormat"
+
+        @staticmethod
+        def load():
+            return NamesFormat
+
+    monkeypatch.setattr(formats, "entry_points", lambda group: [EntryPoint] if group == formats.ENTRY_POINT_GROUP
+                        else [])
+    registry: Registry = Registry("format")
+    for fmt in formats.FORMATS.values():
+        registry.register(fmt.name, fmt)
+    formats.add_installed_formats(registry)
+    monkeypatch.setattr(formats, "FORMATS", registry)
+    base, adapter = tiny
+    run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", formats="safetensors,names",
+                            parity=False, progress=False))
+    lines = (tmp_path / "out" / "names.txt").read_text().splitlines()
+    assert lines[0] == f"{len(lines) - 1} tensors" and "model.layers.0.self_attn.q_proj.weight" in lines
+    assert (tmp_path / "out" / "model.safetensors").is_file()

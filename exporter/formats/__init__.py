@@ -4,6 +4,7 @@ this table, so a new format is one new file plus its converter, registered below
 from __future__ import annotations
 
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 
 from exporter.context import FormatRequest
 from exporter.errors import ExportError
@@ -12,9 +13,25 @@ from exporter.formats.base import Format, Sink
 from exporter.parity.tolerances import Tolerance
 from exporter.registry import Registry
 
+ENTRY_POINT_GROUP = "lora_export.formats"
+
+
+def add_installed_formats(registry: Registry[Format]) -> None:
+    """Formats other packages install through the entry-point group ``lora_export.formats``: each entry point names
+    a Format instance, or a class or factory that makes one (as a stage comes from ``lora_export.stages``)."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry.load()
+        fmt = loaded if isinstance(loaded, Format) else loaded()
+        if not isinstance(fmt, Format):
+            raise ExportError(f"format entry point '{entry.name}' ({entry.value})", "does not give a Format.",
+                              "point it at a subclass of exporter.formats.base.Format or an instance of one.")
+        registry.register(fmt.name, fmt)
+
+
 FORMATS: Registry[Format] = Registry("format")
 for _module in (safetensors, gguf, gguf_lora, onnx):
     FORMATS.register(_module.FORMAT.name, _module.FORMAT)
+add_installed_formats(FORMATS)
 
 
 def parse_formats(texts: Iterable[str]) -> list[FormatRequest]:

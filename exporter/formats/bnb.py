@@ -218,12 +218,12 @@ class BnbSink:
                    "delta_kept_min": min(kept, default=None),
                    "delta_kept_mean": sum(kept) / len(kept) if kept else None,
                    "per_tensor": sorted(self.survival, key=lambda s: s["tensor"])}
-        self.ctx.report.setdefault("requantize", {})[self.variant] = summary
         log.info("requantize %s: %d tensors quantized with bitsandbytes, %d kept in %s; share of each merged change "
                  "kept: min %s, mean %s", self.variant, n_quantized, summary["float_tensors"], self.model_dtype,
                  f"{summary['delta_kept_min']:.2f}" if kept else "-", f"{summary['delta_kept_mean']:.2f}" if kept
                  else "-")
-        return [Artifact("safetensors", self.ctx.plan.out / self.variant, self.folder, variant=self.variant)]
+        return [Artifact("safetensors", self.ctx.plan.out / self.variant, self.folder, variant=self.variant,
+                         details={"requantize": summary})]
 
     def abort(self) -> None:
         try:

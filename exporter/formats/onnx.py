@@ -53,7 +53,7 @@ class OnnxSink:
         # Workers finish tensors in any order; the data file gets them in stream order, so the same inputs give the
         # same bytes. A tensor that finishes early waits here (at most the pump's few in flight).
         self.order = {t.name: i for i, t in enumerate(
-            t for t in ctx.tensor_stream if t.name in self.wanted and t.dtype.is_floating_point)}
+            t for t in ctx.merge.tensors if t.name in self.wanted and t.dtype.is_floating_point)}
         self.pending: dict[int, Any] = {}
         self.next_index = 0
         self.lock = threading.Lock()
@@ -82,7 +82,7 @@ class OnnxSink:
 
         folder = self.writer.folder
         self.writer.metadata.update({f"lora_export.sha256.{name}": digest for name, digest in {
-            **self.ctx.report["inputs"]["adapter_sha256"], **self.ctx.base_hashes.wait()}.items()})
+            **self.ctx.inputs.adapter_sha256, **self.ctx.base_hashes.wait()}.items()})
         try:
             self.writer.close()
         except OnnxExportError as e:

@@ -56,14 +56,14 @@ class DequantizeStage:
             self._check_original(ctx)
         q = base.quantization
         described = "int8 (LLM.int8)" if q.bits == 8 else f"{q.quant_type}{' + double quant' if q.double_quant else ''}"
-        ctx.report["dequantize"] = {
+        ctx.dequantized = {
             "method": "bitsandbytes", "type": described, "quantized_tensors": dict(kinds),
             "float_tensors": sum(1 for t in base.tensors.values() if t.quantized is None),
             "device": str(ctx.device),
         }
         log.info("base is bitsandbytes %s: %s quantized tensors dequantized on the fly (%s), %d float",
                  described, sum(kinds.values()), ", ".join(f"{n} {k}" for k, n in kinds.items()),
-                 ctx.report["dequantize"]["float_tensors"])
+                 ctx.dequantized["float_tensors"])
 
     @staticmethod
     def _refuse_conv1d(ctx: Context) -> None:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from converters.errors import ConverterError
 from converters.ordered_pool import default_workers
-from converters.tensor_stream import StreamTensor, pump
+from converters.tensor_stream import StreamTensor
 from exporter.context import Context
 from exporter.errors import ExportError, StageCheckError
 from exporter.formats import format_of
@@ -41,21 +41,20 @@ class ExportStage:
 
     @staticmethod
     def _pump(ctx: Context, writers: list) -> None:
-        """One tensor per core on the CPU, each with single-threaded torch (converters/ordered_pool.py)."""
-        total = sum(t.numel * t.dtype.itemsize for t in ctx.tensor_stream)
+        """The merge stream pulled through every writer: one tensor per core on the CPU, each with single-threaded
+        torch (converters/ordered_pool.py)."""
+        total = sum(t.numel * t.dtype.itemsize for t in ctx.merge.tensors)
         workers = default_workers() if ctx.device.type == "cpu" else 1
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not ctx.plan.progress,
                   leave=False) as bar:
             def written(tensor: StreamTensor) -> None:
                 bar.update(tensor.numel * tensor.dtype.itemsize)
 
-            pump(ctx.tensor_stream, writers, workers, on_written=written)
+            ctx.merge.pump(writers, workers, on_written=written)
 
     @staticmethod
     def _summarise_merge(ctx: Context) -> None:
-        order = {t.name: i for i, t in enumerate(ctx.layout.tensors)}
-        merged = sorted(ctx.report.get("merge", []), key=lambda m: order[m["tensor"]])  # workers append in any order
-        ctx.report["merge"] = merged
+        merged = ctx.merge.statistics()
         if merged and all(m["unchanged"] for m in merged):
             ctx.note("the adapter changes nothing: every merged tensor equals the base (an untrained adapter with "
                      "lora_B = 0, or a scale of 0?)")

@@ -12,7 +12,7 @@ import torch
 
 from exporter.adapter import load_adapter
 from exporter.base import BaseModel, load_base, resolve_local_or_cached
-from exporter.context import Context
+from exporter.context import Context, InputFacts
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import format_of, parse_formats
 from exporter.layout import Source, build_layout
@@ -88,13 +88,9 @@ class LoadStage:
         ctx.config_updates.update(layout.config_updates)
         for note in layout.notes:
             ctx.note(note)
-        ctx.report["inputs"] = {
-            "base": str(ctx.base.path),
-            "adapter": str(ctx.adapter.path),
-            "adapter_sha256": {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)},
-        }
+        adapter_sha256 = {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)}
         self._check_tokenizer(ctx)
-        self._original_base(ctx)
+        original = self._original_base(ctx)
         ctx.merged_config = merged_config(ctx.base.config, ctx.config_updates, ctx.out_dtype)
         ctx.model_files = ctx.staging / MODEL_FILES_DIR
         write_model_files(ctx, ctx.model_files)
@@ -108,7 +104,9 @@ class LoadStage:
             prepared = format_of(requests[0]).preflight(ctx, [request.variant for request in requests])
             for request, ready in zip(requests, prepared, strict=True):
                 request.prepared = ready
-        self._check_disk_space(ctx)
+        disk = self._check_disk_space(ctx)
+        ctx.inputs = InputFacts(str(ctx.base.path), str(ctx.adapter.path), adapter_sha256,
+                                str(ctx.tokenizer_dir) if ctx.tokenizer_dir else None, disk, original)
         ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
@@ -134,23 +132,22 @@ class LoadStage:
         ctx.tokenizer_dir = source
         if source is None:
             ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
-        ctx.report["tokenizer_from"] = str(source) if source else None
 
     @staticmethod
-    def _check_disk_space(ctx: Context) -> None:
+    def _check_disk_space(ctx: Context) -> dict[str, int]:
         """Every artifact's size is known from the plan: refuse now, with the figures, what would not fit, rather
         than fail on a full disk an hour into a merge (staging sits beside --out, on the same disk)."""
         sizes = [format_of(request).output_bytes(ctx, request) for request in ctx.formats]
         need = sum(final for final, _ in sizes) + max((transient for _, transient in sizes), default=0) + 2**20
         free = shutil.disk_usage(ctx.staging).free
-        ctx.report["disk"] = {"needed_bytes": need, "free_bytes": free}
         if need > free:
             raise FileSystemError(str(ctx.plan.out.parent), f"the output needs {need / 1e9:.2f} GB and the disk has "
                                   f"{free / 1e9:.2f} GB free ({', '.join(map(str, ctx.formats))}).",
                                   "free space on that disk, or write somewhere else (--out).")
+        return {"needed_bytes": need, "free_bytes": free}
 
     @staticmethod
-    def _original_base(ctx: Context) -> None:
+    def _original_base(ctx: Context) -> dict[str, str] | None:
         """--original-base: the full-precision model a quantized base was made from, checked here on every tensor's
         name and shape (the dequantize stage re-quantizes its weights against the stored codes); --merge-into original
         merges into its weights (what training saw stays the reference the report measures the cost against)."""
@@ -159,7 +156,7 @@ class LoadStage:
             if plan.merge_into == "original":
                 raise InputError("--merge-into original", "needs the full-precision model the quantized base was made "
                                  "from.", "pass --original-base PATH.")
-            return
+            return None
         if ctx.base.quantization is None:
             raise InputError(f"--original-base {plan.original_base}", "is for a quantized --base, and this base is "
                              "not quantized.", "drop --original-base (the base is already full precision).")
@@ -177,7 +174,7 @@ class LoadStage:
         ctx.original_base = original
         if plan.merge_into == "original":
             ctx.merge_base = original
-        ctx.report["original_base"] = {"path": str(original.path), "merged_into": plan.merge_into}
+        return {"path": str(original.path), "merged_into": plan.merge_into}
 
     @staticmethod
     def _check_transformers_knows(ctx: Context) -> None:

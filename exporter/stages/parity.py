@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import closing
+from dataclasses import dataclass
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import psutil
 import torch
 
-from exporter.context import Context
+from exporter.context import Artifact, Context, ParityOutcome
 from exporter.errors import ExportError, StageCheckError
 from exporter.formats import FORMATS
 from exporter.parity.figures import compare_logits, format_table, judge
@@ -90,6 +91,22 @@ def _positions(probes: Probes, text: bool) -> torch.Tensor:
     return torch.cat([torch.full((len(p),), kind == text) for p, kind in zip(probes.inputs, probes.is_text)])
 
 
+@dataclass(frozen=True)
+class _References:
+    """What every artifact is judged against (see ParityStage._references)."""
+
+    probes: Probes
+    ref_logits: torch.Tensor  # base + adapter on the fly, float32 (the original base's under --merge-into original)
+    training_logits: torch.Tensor | None  # the dequantized base + adapter, when the merge went into other weights
+    text_rows: torch.Tensor  # row masks over the concatenated probe positions
+    judged_rows: torch.Tensor
+    effect_rows: torch.Tensor
+    effect_ref: torch.Tensor  # the reference on effect_rows, the base's vocabulary wide
+    width: int  # the base's vocabulary
+    adapter_kl: float  # KL(reference‖base): how far the adapter moves the model
+    described: str  # the reference, in words for the report
+
+
 class ParityStage:
     name = "parity"
 
@@ -102,9 +119,10 @@ class ParityStage:
             return_freed_memory_to_the_os()
         log.info("parity runs models %s: %s", "whole" if ctx.parity_mode == "whole" else "module by module", why)
         with PeakRss() as peak:
-            self._run(ctx)
-        ctx.report["parity_run"] = {"mode": ctx.parity_mode, "why": why, "peak_rss_mb": round(peak.peak / 2**20),
-                                    "peak_anon_mb": round(peak.peak_anon / 2**20)}
+            described, table = self._run(ctx)
+        ctx.parity = ParityOutcome(described, {"mode": ctx.parity_mode, "why": why,
+                                               "peak_rss_mb": round(peak.peak / 2**20),
+                                               "peak_anon_mb": round(peak.peak_anon / 2**20)}, table)
 
     @staticmethod
     def _model_logits(ctx: Context, tok: Any, with_adapter: bool, probes: Probes | None = None,
@@ -132,23 +150,34 @@ class ParityStage:
             raise ExportError(str(ctx.base.path), f"parity cannot load this model {ctx.parity_mode} ({e}).",
                               "pass --parity-memory whole, or --parity off.") from e
 
-    def _run(self, ctx: Context) -> None:
+    def _run(self, ctx: Context) -> tuple[str, str]:
+        """Every artifact compared with the reference; returns the reference in words and the human table."""
         # Loaded once for every artifact (Gemma's 262k-token tokenizer takes about a second each time).
         tok = _tokenizer(ctx.model_files) if (ctx.model_files / "tokenizer_config.json").is_file() else None
+        refs = self._references(ctx, tok)
+        for artifact in ctx.artifacts:
+            artifact.parity = self._judge(ctx, artifact, refs, tok)
+            FORMATS.get(artifact.format).after_parity(artifact, ctx)
+        table = format_table([a.parity for a in ctx.artifacts if a.parity])
+        log.debug("parity:\n%s", table)
+        return refs.described, table
+
+    def _references(self, ctx: Context, tok: Any) -> _References:
+        """The logits every artifact is judged against: the reference (base + adapter, float32), training's
+        reference when the merge went into other weights, and the base alone (how far the adapter moves the model)."""
         probes, ref_logits = self._model_logits(ctx, tok, with_adapter=True)
-        ctx.report["parity_reference"] = (
-            "the base" + (f" dequantized from {ctx.report['dequantize']['type']} (what QLoRA training computed with)"
-                          if ctx.base.quantization is not None else "") + " + the adapter applied on the fly, float32")
+        described = ("the base" + (f" dequantized from {ctx.dequantized['type']} (what QLoRA training computed with)"
+                                   if ctx.base.quantization is not None else "")
+                     + " + the adapter applied on the fly, float32")
         training_logits = None
         if ctx.merge_base is not None:
             # Merged into the original full-precision weights: judged against original + adapter, and the distance
             # to what training saw (the dequantized base + adapter) reported beside it.
             training_logits = ref_logits
             _, ref_logits = self._model_logits(ctx, tok, with_adapter=True, probes=probes, base=ctx.merge_base)
-            ctx.report["parity_reference"] = ("the original base + the adapter applied on the fly, float32 (the "
-                                              "figures against training's reference are under vs_training_reference)")
+            described = ("the original base + the adapter applied on the fly, float32 (the figures against "
+                         "training's reference are under vs_training_reference)")
         text_rows = _positions(probes, text=True)
-        # How far the adapter moves the model, to say how much of that move each artifact keeps.
         _, base_logits = self._model_logits(ctx, tok, with_adapter=False, probes=probes)
         judged_rows = text_rows if text_rows.any() else torch.ones_like(text_rows)
         base_rows = _base_rows(probes, ctx)
@@ -159,51 +188,53 @@ class ParityStage:
         effect_rows = judged_rows & base_rows
         effect_ref = training_ref[effect_rows][:, :width]
         adapter_kl = compare_logits(effect_ref, base_logits[judged_rows[base_rows]]).kl if effect_rows.any() else 0.0
-        for artifact in ctx.artifacts:
-            fmt = FORMATS.get(artifact.format)
-            with closing(fmt.open_runtime(artifact, ctx)) as runtime:
-                out_logits = runtime.logits(probes.inputs)
-                extra, extra_failures = runtime.checks(tok)
-            tol = _tolerance(ctx, artifact.format, artifact.variant)
-            if text_rows.any():
-                # In-distribution text is judged by the declared tolerance, random ids by the looser one.
-                figures = compare_logits(ref_logits[text_rows], out_logits[text_rows])
-                random_figures = compare_logits(ref_logits[~text_rows], out_logits[~text_rows])
-                random_tol = _out_of_distribution(tol)
-                failures = judge(figures, tol) + [f"random ids: {f}" for f in judge(random_figures, random_tol)]
-                random_part = {**dataclasses.asdict(random_figures),
-                               "thresholds": {"max_abs": random_tol.max_abs, "max_kl": random_tol.max_kl}}
+        return _References(probes, ref_logits, training_logits, text_rows, judged_rows, effect_rows, effect_ref,
+                           width, adapter_kl, described)
+
+    @staticmethod
+    def _judge(ctx: Context, artifact: Artifact, refs: _References, tok: Any) -> dict[str, Any]:
+        """One artifact run in its runtime and judged: its figures, as the report holds them."""
+        fmt = FORMATS.get(artifact.format)
+        with closing(fmt.open_runtime(artifact, ctx)) as runtime:
+            out_logits = runtime.logits(refs.probes.inputs)
+            extra, failures = runtime.checks(tok)
+        tol = _tolerance(ctx, artifact.format, artifact.variant)
+        text_rows, ref_logits = refs.text_rows, refs.ref_logits
+        if text_rows.any():
+            # In-distribution text is judged by the declared tolerance, random ids by the looser one.
+            figures = compare_logits(ref_logits[text_rows], out_logits[text_rows])
+            random_figures = compare_logits(ref_logits[~text_rows], out_logits[~text_rows])
+            random_tol = _out_of_distribution(tol)
+            failures = judge(figures, tol) + [f"random ids: {f}" for f in judge(random_figures, random_tol)] + failures
+            random_part = {**dataclasses.asdict(random_figures),
+                           "thresholds": {"max_abs": random_tol.max_abs, "max_kl": random_tol.max_kl}}
+        else:
+            figures = compare_logits(ref_logits, out_logits)
+            failures, random_part = judge(figures, tol) + failures, None
+        if tol.broken_kl is not None and figures.kl > refs.adapter_kl + tol.broken_kl:
+            failures.append(f"KL {figures.kl:.3g} > the base's own {refs.adapter_kl:.3g} + {tol.broken_kl:g}")
+        kept = _effect_kept(compare_logits(refs.effect_ref, out_logits[refs.effect_rows][:, :refs.width]).kl,
+                            refs.adapter_kl) if refs.effect_rows.any() else None
+        if kept is not None and kept < ctx.plan.min_effect_kept:
+            message = (f"{artifact.format}:{artifact.variant} keeps {kept:.0%} of the adapter's effect on the "
+                       f"probes (KL to the reference vs KL of the base without the adapter)")
+            if ctx.plan.require_effect_kept:
+                failures.append(f"keeps {kept:.0%} of the adapter's effect < {ctx.plan.min_effect_kept:.0%}")
             else:
-                figures = compare_logits(ref_logits, out_logits)
-                failures, random_part = judge(figures, tol), None
-            failures += extra_failures
-            if tol.broken_kl is not None and figures.kl > adapter_kl + tol.broken_kl:
-                failures.append(f"KL {figures.kl:.3g} > the base's own {adapter_kl:.3g} + {tol.broken_kl:g}")
-            kept = _effect_kept(compare_logits(effect_ref, out_logits[effect_rows][:, :width]).kl, adapter_kl) \
-                if effect_rows.any() else None
-            if kept is not None and kept < ctx.plan.min_effect_kept:
-                message = (f"{artifact.format}:{artifact.variant} keeps {kept:.0%} of the adapter's effect on the "
-                           f"probes (KL to the reference vs KL of the base without the adapter)")
-                if ctx.plan.require_effect_kept:
-                    failures.append(f"keeps {kept:.0%} of the adapter's effect < {ctx.plan.min_effect_kept:.0%}")
-                else:
-                    ctx.note(message + f"; below {ctx.plan.min_effect_kept:.0%}")
-            artifact.parity = {
-                "format": artifact.format, "path": str(artifact.path), "runtime": fmt.runtime,
-                "dtype": artifact.variant, "probes": "text" if text_rows.any() else "random ids",
-                **dataclasses.asdict(figures),
-                "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
-                               "broken_kl": tol.broken_kl},
-                "threshold_reason": tol.reason, "random_probes": random_part, fmt.checks_key: extra,
-                "adapter_effect_kept": kept, "adapter_kl": adapter_kl,
-                "vs_training_reference": None if training_logits is None else dataclasses.asdict(
-                    compare_logits(training_logits[judged_rows], out_logits[judged_rows])),
-                "passed": not failures, "failures": "; ".join(failures),
-            }
-            fmt.after_parity(artifact, ctx)
-        rows = [a.parity for a in ctx.artifacts if a.parity]
-        ctx.report["parity_table"] = format_table(rows)
-        log.debug("parity:\n%s", ctx.report["parity_table"])
+                ctx.note(message + f"; below {ctx.plan.min_effect_kept:.0%}")
+        judged = refs.judged_rows
+        return {
+            "format": artifact.format, "path": str(artifact.path), "runtime": fmt.runtime,
+            "dtype": artifact.variant, "probes": "text" if text_rows.any() else "random ids",
+            **dataclasses.asdict(figures),
+            "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
+                           "broken_kl": tol.broken_kl},
+            "threshold_reason": tol.reason, "random_probes": random_part, fmt.checks_key: extra,
+            "adapter_effect_kept": kept, "adapter_kl": refs.adapter_kl,
+            "vs_training_reference": None if refs.training_logits is None else dataclasses.asdict(
+                compare_logits(refs.training_logits[judged], out_logits[judged])),
+            "passed": not failures, "failures": "; ".join(failures),
+        }
 
     def check(self, ctx: Context) -> None:
         # A failed comparison is reported by the runner (after report.json is written), not raised here, so the
