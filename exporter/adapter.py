@@ -212,6 +212,107 @@ def _classify_keys(keys: list[str], where: str) -> tuple[dict[str, dict[str, str
     return by_module, replacements
 
 
+@dataclass
+class _Scaling:
+    """The config's rank and α for each module (rank_pattern / alpha_pattern over the defaults), remembering which
+    pattern keys matched something."""
+
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    default_r: int
+    default_alpha: float
+    use_rslora: bool
+    used_rank_keys: set[str] = field(default_factory=set)
+    used_alpha_keys: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> _Scaling:
+        # PEFT's LoraConfig defaults where a key is absent: r=8, lora_alpha=8, use_rslora=False (a null use_rslora too;
+        # a null r or lora_alpha PEFT cannot load, and check_adapter_config refused it).
+        return cls(rank_pattern=config.get("rank_pattern") or {},
+                   alpha_pattern=config.get("alpha_pattern") or {},
+                   default_r=int(config["r"]) if config.get("r") is not None else 8,
+                   default_alpha=float(config["lora_alpha"]) if config.get("lora_alpha") is not None else 8.0,
+                   use_rslora=bool(config.get("use_rslora")))
+
+    def rank_alpha(self, module: str) -> tuple[int, float, str | None]:
+        """(rank, α, the rank_pattern key that set the rank or None) for this module."""
+        r_key = pattern_key(list(self.rank_pattern), module)
+        a_key_pat = pattern_key(list(self.alpha_pattern), module)
+        if r_key is not None:
+            self.used_rank_keys.add(r_key)
+        if a_key_pat is not None:
+            self.used_alpha_keys.add(a_key_pat)
+        rank = int(self.rank_pattern[r_key]) if r_key is not None else self.default_r
+        alpha = float(self.alpha_pattern[a_key_pat]) if a_key_pat is not None else self.default_alpha
+        return rank, alpha, r_key
+
+    def unused(self) -> list[str]:
+        unused = [f"rank_pattern '{k}'" for k in self.rank_pattern if k not in self.used_rank_keys]
+        unused += [f"alpha_pattern '{k}'" for k in self.alpha_pattern if k not in self.used_alpha_keys]
+        return unused
+
+
+def _lora_pair(module: str, parts: dict[str, str], where: str) -> tuple[str, str, str] | None:
+    """(kind, A key, B key) of a module's LoRA; None for a saved base layer without LoRA on it."""
+    if "lora_A.weight" in parts and "lora_B.weight" in parts:
+        return "linear", parts["lora_A.weight"], parts["lora_B.weight"]
+    if "lora_embedding_A" in parts and "lora_embedding_B" in parts:
+        return "embedding", parts["lora_embedding_A"], parts["lora_embedding_B"]
+    if set(parts) == {"base_layer.weight"}:
+        return None
+    raise InputError(where, f"module '{module}' has {sorted(parts)} but not a complete A/B pair.",
+                     "re-save the adapter; the file is incomplete.")
+
+
+def _lora_module(adapter: Adapter, module: str, parts: dict[str, str], pair: tuple[str, str, str],
+                 scaling: _Scaling) -> LoraModule:
+    """One adapted module with its rank, α and scale, checked against its tensors."""
+    kind, a_key, b_key = pair
+    where = str(adapter.weights_file)
+    rank, alpha, r_key = scaling.rank_alpha(module)
+    a_shape = adapter.shape(a_key)
+    if a_shape[0] != rank:
+        raise InputError(where, f"module '{module}' has rank {a_shape[0]} in its tensors, but the "
+                         f"config gives r={rank}" + (f" (rank_pattern key '{r_key}')" if r_key else "") + ".",
+                         "fix r / rank_pattern in adapter_config.json to what the adapter was trained with.")
+    magnitude_key = parts.get("lora_magnitude_vector")
+    if magnitude_key is not None and kind == "embedding":
+        raise InputError(where, f"module '{module}' uses DoRA on an embedding, which lora-export "
+                         "does not merge yet.", "merge this adapter with PEFT itself.")
+    return LoraModule(
+        name=module, kind=kind, rank=rank, alpha=alpha, scale=compute_scale(alpha, rank, scaling.use_rslora),
+        a_key=a_key, b_key=b_key, magnitude_key=magnitude_key, b_bias_key=parts.get("lora_B.bias"),
+        base_override_key=parts.get("base_layer.weight"),
+    )
+
+
+def _add_modules(adapter: Adapter, by_module: dict[str, dict[str, str]], scaling: _Scaling) -> None:
+    """Fill adapter.modules, in module name order; a saved base layer without LoRA joins adapter.replacements."""
+    for module, parts in sorted(by_module.items()):
+        pair = _lora_pair(module, parts, str(adapter.weights_file))
+        if pair is None:
+            # A saved base layer without LoRA on it is a full replacement of that weight.
+            adapter.replacements[f"{module}.weight"] = parts["base_layer.weight"]
+            continue
+        adapter.modules[module] = _lora_module(adapter, module, parts, pair, scaling)
+
+
+def _check_complete(adapter: Adapter, scaling: _Scaling) -> None:
+    """What the config promises (DoRA, pattern keys) is in the tensors, and there are tensors to merge at all."""
+    if adapter.config.get("use_dora") and not any(m.is_dora for m in adapter.modules.values()):
+        raise InputError(str(adapter.weights_file), "adapter_config.json says use_dora but no lora_magnitude_vector "
+                         "is saved.", "re-save the adapter with PEFT.")
+    # A pattern key that matches nothing is almost always a typo, and PEFT ignores it silently (peft #3582).
+    unused = scaling.unused()
+    if unused:
+        raise InputError(str(adapter.path / CONFIG_NAME), f"{', '.join(unused)} match(es) no adapted module.",
+                         "correct the key (it is a regex matched against the end of module names such as "
+                         f"'{next(iter(adapter.modules), 'model.layers.0.self_attn.q_proj')}').")
+    if not adapter.modules and not adapter.replacements:
+        raise InputError(str(adapter.weights_file), "holds no LoRA tensors.", "check that training saved the adapter.")
+
+
 def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT LoRA adapter folder and resolve the rank, α and scale of every adapted module."""
     folder = Path(folder)
@@ -219,65 +320,9 @@ def load_adapter(folder: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise InputError(str(folder), "is not a folder.", "pass the folder that holds adapter_config.json.")
     config = _read_config(folder)
     weights_file, tensors = _open_weights(folder, allow_pickle)
-    keys = list(tensors.keys())
-    by_module, replacements = _classify_keys(keys, str(weights_file))
-
-    rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
-    # PEFT's LoraConfig defaults where a key is absent: r=8, lora_alpha=8, use_rslora=False (a null use_rslora too;
-    # a null r or lora_alpha PEFT cannot load, and check_adapter_config refused it).
-    default_r = int(config["r"]) if config.get("r") is not None else 8
-    default_alpha = float(config["lora_alpha"]) if config.get("lora_alpha") is not None else 8.0
-    use_rslora = bool(config.get("use_rslora"))
+    by_module, replacements = _classify_keys(list(tensors.keys()), str(weights_file))
+    scaling = _Scaling.from_config(config)
     adapter = Adapter(folder, weights_file, config, {}, replacements, tensors)
-
-    used_rank_keys: set[str] = set()
-    used_alpha_keys: set[str] = set()
-    for module, parts in sorted(by_module.items()):
-        if "lora_A.weight" in parts and "lora_B.weight" in parts:
-            kind, a_key, b_key = "linear", parts["lora_A.weight"], parts["lora_B.weight"]
-        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
-            kind, a_key, b_key = "embedding", parts["lora_embedding_A"], parts["lora_embedding_B"]
-        elif set(parts) == {"base_layer.weight"}:
-            # A saved base layer without LoRA on it is a full replacement of that weight.
-            replacements[f"{module}.weight"] = parts["base_layer.weight"]
-            continue
-        else:
-            raise InputError(str(weights_file), f"module '{module}' has {sorted(parts)} but not a complete A/B pair.",
-                             "re-save the adapter; the file is incomplete.")
-        r_key = pattern_key(list(rank_pattern), module)
-        a_key_pat = pattern_key(list(alpha_pattern), module)
-        if r_key is not None:
-            used_rank_keys.add(r_key)
-        if a_key_pat is not None:
-            used_alpha_keys.add(a_key_pat)
-        rank = int(rank_pattern[r_key]) if r_key is not None else default_r
-        alpha = float(alpha_pattern[a_key_pat]) if a_key_pat is not None else default_alpha
-        a_shape = adapter.shape(a_key)
-        if a_shape[0] != rank:
-            raise InputError(str(weights_file), f"module '{module}' has rank {a_shape[0]} in its tensors, but the "
-                             f"config gives r={rank}" + (f" (rank_pattern key '{r_key}')" if r_key else "") + ".",
-                             "fix r / rank_pattern in adapter_config.json to what the adapter was trained with.")
-        magnitude_key = parts.get("lora_magnitude_vector")
-        if magnitude_key is not None and kind == "embedding":
-            raise InputError(str(weights_file), f"module '{module}' uses DoRA on an embedding, which lora-export "
-                             "does not merge yet.", "merge this adapter with PEFT itself.")
-        adapter.modules[module] = LoraModule(
-            name=module, kind=kind, rank=rank, alpha=alpha, scale=compute_scale(alpha, rank, use_rslora),
-            a_key=a_key, b_key=b_key, magnitude_key=magnitude_key, b_bias_key=parts.get("lora_B.bias"),
-            base_override_key=parts.get("base_layer.weight"),
-        )
-    if config.get("use_dora") and not any(m.is_dora for m in adapter.modules.values()):
-        raise InputError(str(weights_file), "adapter_config.json says use_dora but no lora_magnitude_vector is saved.",
-                         "re-save the adapter with PEFT.")
-
-    # A pattern key that matches nothing is almost always a typo, and PEFT ignores it silently (peft #3582).
-    unused = [f"rank_pattern '{k}'" for k in rank_pattern if k not in used_rank_keys]
-    unused += [f"alpha_pattern '{k}'" for k in alpha_pattern if k not in used_alpha_keys]
-    if unused:
-        raise InputError(str(folder / CONFIG_NAME), f"{', '.join(unused)} match(es) no adapted module.",
-                         "correct the key (it is a regex matched against the end of module names such as "
-                         f"'{next(iter(adapter.modules), 'model.layers.0.self_attn.q_proj')}').")
-    if not adapter.modules and not replacements:
-        raise InputError(str(weights_file), "holds no LoRA tensors.", "check that training saved the adapter.")
+    _add_modules(adapter, by_module, scaling)
+    _check_complete(adapter, scaling)
     return adapter

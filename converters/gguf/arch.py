@@ -14,10 +14,20 @@ from typing import Any
 
 import gguf
 import torch
+from gguf.constants import GGUFValueType as VT
 
 from converters.errors import ConverterError
 
-U32, F32, STR, BOOL, BOOLS = "u32", "f32", "str", "bool", "bool[]"
+
+@dataclass(frozen=True)
+class ArrayOf:
+    """A metadata array and the type of its items. A named wrapper rather than a (VT.ARRAY, item) tuple: the key
+    tables are tuples already, and ``ArrayOf(VT.BOOL)`` says what it is where a nested tuple would need reading."""
+
+    item: VT
+
+
+ValueType = VT | ArrayOf  # a metadata value's GGUF type: gguf-py's enum, so a misspelt type fails at import
 
 
 class ArchError(ConverterError):
@@ -58,17 +68,17 @@ def head_dim(hp: dict[str, Any]) -> int:
 
 
 # Keys every supported architecture writes: (key under "{arch}.", type, config fields tried in order, default)
-COMMON_KEYS: tuple[tuple[str, str, tuple[str, ...], Any], ...] = (
-    ("context_length", U32, ("max_position_embeddings", "n_positions"), _REQUIRED),
-    ("embedding_length", U32, ("hidden_size", "n_embd"), _REQUIRED),
-    ("block_count", U32, ("num_hidden_layers", "n_layer"), _REQUIRED),
-    ("feed_forward_length", U32, ("intermediate_size",), _REQUIRED),
-    ("attention.head_count", U32, ("num_attention_heads",), _REQUIRED),
-    ("attention.head_count_kv", U32, ("num_key_value_heads", "num_attention_heads"), _REQUIRED),
-    ("attention.layer_norm_rms_epsilon", F32, ("rms_norm_eps",), _REQUIRED),
+COMMON_KEYS: tuple[tuple[str, ValueType, tuple[str, ...], Any], ...] = (
+    ("context_length", VT.UINT32, ("max_position_embeddings", "n_positions"), _REQUIRED),
+    ("embedding_length", VT.UINT32, ("hidden_size", "n_embd"), _REQUIRED),
+    ("block_count", VT.UINT32, ("num_hidden_layers", "n_layer"), _REQUIRED),
+    ("feed_forward_length", VT.UINT32, ("intermediate_size",), _REQUIRED),
+    ("attention.head_count", VT.UINT32, ("num_attention_heads",), _REQUIRED),
+    ("attention.head_count_kv", VT.UINT32, ("num_key_value_heads", "num_attention_heads"), _REQUIRED),
+    ("attention.layer_norm_rms_epsilon", VT.FLOAT32, ("rms_norm_eps",), _REQUIRED),
 )
 
-Key = tuple[str, str, Any]  # (key under "{arch}.", type, value)
+Key = tuple[str, ValueType, Any]  # (key under "{arch}.", type, value)
 
 
 def _rope_scaling_keys(hp: dict[str, Any], rope: dict[str, Any]) -> list[Key]:
@@ -76,12 +86,12 @@ def _rope_scaling_keys(hp: dict[str, Any], rope: dict[str, Any]) -> list[Key]:
     if kind == "default":
         return []
     if kind == "linear":
-        return [("rope.scaling.type", STR, "linear"), ("rope.scaling.factor", F32, float(rope["factor"]))]
+        return [("rope.scaling.type", VT.STRING, "linear"), ("rope.scaling.factor", VT.FLOAT32, float(rope["factor"]))]
     if kind == "yarn":
-        keys = [("rope.scaling.type", STR, "yarn"), ("rope.scaling.factor", F32, float(rope["factor"]))]
+        keys = [("rope.scaling.type", VT.STRING, "yarn"), ("rope.scaling.factor", VT.FLOAT32, float(rope["factor"]))]
         original = rope.get("original_max_position_embeddings") or hp.get("original_max_position_embeddings")
         if original:
-            keys.append(("rope.scaling.original_context_length", U32, int(original)))
+            keys.append(("rope.scaling.original_context_length", VT.UINT32, int(original)))
         return keys
     if kind == "llama3":
         return []  # expressed as the rope_freqs tensor instead (see llama3_rope_factors)
@@ -114,16 +124,16 @@ def llama3_rope_factors(hp: dict[str, Any]) -> torch.Tensor | None:
 def _llama_keys(hp: dict[str, Any]) -> list[Key]:
     rope = rope_parameters(hp)
     dim = head_dim(hp)
-    return [("vocab_size", U32, int(hp["vocab_size"])), ("rope.dimension_count", U32, dim),
-            ("attention.key_length", U32, dim), ("attention.value_length", U32, dim),
-            ("rope.freq_base", F32, float(rope.get("rope_theta", 10000.0))), *_rope_scaling_keys(hp, rope)]
+    return [("vocab_size", VT.UINT32, int(hp["vocab_size"])), ("rope.dimension_count", VT.UINT32, dim),
+            ("attention.key_length", VT.UINT32, dim), ("attention.value_length", VT.UINT32, dim),
+            ("rope.freq_base", VT.FLOAT32, float(rope.get("rope_theta", 10000.0))), *_rope_scaling_keys(hp, rope)]
 
 
 def _qwen_keys(hp: dict[str, Any]) -> list[Key]:
     rope = rope_parameters(hp)
     dim = head_dim(hp)
-    return [("attention.key_length", U32, dim), ("attention.value_length", U32, dim),
-            ("rope.freq_base", F32, float(rope.get("rope_theta", 10000.0))), *_rope_scaling_keys(hp, rope)]
+    return [("attention.key_length", VT.UINT32, dim), ("attention.value_length", VT.UINT32, dim),
+            ("rope.freq_base", VT.FLOAT32, float(rope.get("rope_theta", 10000.0))), *_rope_scaling_keys(hp, rope)]
 
 
 def _check_query_scale(hp: dict[str, Any]) -> None:
@@ -140,11 +150,11 @@ def _check_query_scale(hp: dict[str, Any]) -> None:
 def _gemma2_keys(hp: dict[str, Any]) -> list[Key]:
     _check_query_scale(hp)
     dim = head_dim(hp)
-    return [("attention.key_length", U32, dim), ("attention.value_length", U32, dim),
-            ("rope.freq_base", F32, float(rope_parameters(hp).get("rope_theta", 10000.0))),
-            ("attn_logit_softcapping", F32, float(_get(hp, "attn_logit_softcapping"))),
-            ("final_logit_softcapping", F32, float(_get(hp, "final_logit_softcapping"))),
-            ("attention.sliding_window", U32, int(_get(hp, "sliding_window")))]
+    return [("attention.key_length", VT.UINT32, dim), ("attention.value_length", VT.UINT32, dim),
+            ("rope.freq_base", VT.FLOAT32, float(rope_parameters(hp).get("rope_theta", 10000.0))),
+            ("attn_logit_softcapping", VT.FLOAT32, float(_get(hp, "attn_logit_softcapping"))),
+            ("final_logit_softcapping", VT.FLOAT32, float(_get(hp, "final_logit_softcapping"))),
+            ("attention.sliding_window", VT.UINT32, int(_get(hp, "sliding_window")))]
 
 
 def _gemma3_keys(hp: dict[str, Any]) -> list[Key]:
@@ -154,15 +164,15 @@ def _gemma3_keys(hp: dict[str, Any]) -> list[Key]:
     dim = head_dim(hp)
     full, local = rope_parameters(hp, "full_attention"), rope_parameters(hp, "sliding_attention")
     keys: list[Key] = [
-        ("attention.key_length", U32, dim), ("attention.value_length", U32, dim),
-        ("rope.freq_base", F32, float(full.get("rope_theta", 1_000_000.0))),
-        ("rope.freq_base_swa", F32, float(local.get("rope_theta", hp.get("rope_local_base_freq", 10000.0)))),
-        ("attention.sliding_window", U32, int(_get(hp, "sliding_window"))), *_rope_scaling_keys(hp, full),
+        ("attention.key_length", VT.UINT32, dim), ("attention.value_length", VT.UINT32, dim),
+        ("rope.freq_base", VT.FLOAT32, float(full.get("rope_theta", 1_000_000.0))),
+        ("rope.freq_base_swa", VT.FLOAT32, float(local.get("rope_theta", hp.get("rope_local_base_freq", 10000.0)))),
+        ("attention.sliding_window", VT.UINT32, int(_get(hp, "sliding_window"))), *_rope_scaling_keys(hp, full),
     ]
     if hp.get("final_logit_softcapping"):
-        keys.append(("final_logit_softcapping", F32, float(hp["final_logit_softcapping"])))
+        keys.append(("final_logit_softcapping", VT.FLOAT32, float(hp["final_logit_softcapping"])))
     if hp.get("layer_types"):  # exact per-layer pattern (true = sliding), read by llama.cpp ≥ 2025-09
-        keys.append(("attention.sliding_window_pattern", BOOLS,
+        keys.append(("attention.sliding_window_pattern", ArrayOf(VT.BOOL),
                      [kind == "sliding_attention" for kind in hp["layer_types"]]))
     return keys
 
@@ -172,11 +182,11 @@ def _phi3_keys(hp: dict[str, Any]) -> list[Key]:
     if rope.get("rope_type") not in (None, "default"):
         raise ArchError(f"Phi-3 rope_type '{rope.get('rope_type')}' (LongRoPE) is not supported for GGUF yet")
     n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
-    return [("rope.scaling.original_context_length", U32,
+    return [("rope.scaling.original_context_length", VT.UINT32,
              int(_get(hp, "original_max_position_embeddings", "max_position_embeddings"))),
-            ("rope.dimension_count", U32, int(hp.get("partial_rotary_factor", 1.0) * n_embd) // n_head),
-            ("rope.freq_base", F32, float(rope.get("rope_theta", 10000.0))),
-            ("attention.sliding_window", U32, int(hp.get("sliding_window") or 0))]
+            ("rope.dimension_count", VT.UINT32, int(hp.get("partial_rotary_factor", 1.0) * n_embd) // n_head),
+            ("rope.freq_base", VT.FLOAT32, float(rope.get("rope_theta", 10000.0))),
+            ("attention.sliding_window", VT.UINT32, int(hp.get("sliding_window") or 0))]
 
 
 @dataclass(frozen=True)

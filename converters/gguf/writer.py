@@ -8,6 +8,7 @@ Knows formats only: a config (dict), a vocabulary (vocab.py) and tensors; ``writ
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -20,11 +21,11 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf.constants import GGMLQuantizationType as QT
+from gguf.constants import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from converters.errors import ConverterError
-from converters.gguf.arch import BOOL, BOOLS, F32, STR, U32, arch_for, gguf_tensor_name, hyperparameters, \
-    llama3_rope_factors, metadata_keys, rope_heads, transform
+from converters.gguf.arch import ArrayOf, ValueType, arch_for, gguf_tensor_name, hyperparameters, llama3_rope_factors, \
+    metadata_keys, rope_heads, transform
 from converters.gguf.bulk_writer import BulkArrayGGUFWriter
 from converters.gguf.quants import encode_rows
 from converters.gguf.types import GGUF_TYPES, GGUFType, byte_shape, tensor_type
@@ -170,24 +171,24 @@ class _TensorEncoder:
         """Completeness is checked for every tensor at once when the file closes."""
 
 
-def _add_key(writer: gguf.GGUFWriter, key: str, kind: str, value: object) -> None:
-    if kind == U32:
+def _add_key(writer: gguf.GGUFWriter, key: str, kind: ValueType, value: Any) -> None:
+    if kind == VT.UINT32:
         writer.add_uint32(key, int(value))
-    elif kind == F32:
+    elif kind == VT.FLOAT32:
         writer.add_float32(key, float(value))
-    elif kind == STR:
+    elif kind == VT.STRING:
         writer.add_string(key, str(value))
-    elif kind == BOOL:
+    elif kind == VT.BOOL:
         writer.add_bool(key, bool(value))
-    elif kind == BOOLS:
-        writer.add_array(key, [bool(v) for v in value])
+    elif kind == ArrayOf(VT.BOOL):
+        writer.add_array(key, [bool(v) for v in value])  # gguf-py takes the item type from the (bool) items
     else:
-        raise AssertionError(kind)
+        raise AssertionError(f"no writer for metadata type {kind}")
 
 
 def require_llama_cpp(type_name: str) -> None:
     try:
-        import llama_cpp  # noqa: F401
+        importlib.import_module("llama_cpp")  # only whether it imports (pyflakes ignores noqa on a bare import)
     except ImportError as e:
         raise GGUFExportError(f"{type_name} is a K-quant, which only llama.cpp's quantizer writes, and "
                               "llama-cpp-python is not installed; install lora-export[llama] (builds llama.cpp, "
