@@ -24,10 +24,12 @@ def _runtime_nodes(tree: ast.AST):
         yield from _runtime_nodes(node)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module the file imports, at the top or inside a function (a lazy import is still a dependency)."""
+def imported_modules(path: Path, type_only_too: bool = False) -> set[str]:
+    """Every module the file imports, at the top or inside a function (a lazy import is still a dependency);
+    ``type_only_too``: also those under `if TYPE_CHECKING:`."""
     names = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (ast.walk(tree) if type_only_too else _runtime_nodes(tree)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -36,9 +38,29 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def project_graph() -> dict[str, set[str]]:
+def project_graph(type_only_too: bool = False) -> dict[str, set[str]]:
     files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
-    return {name: {m for m in imported_modules(path) if m in files and m != name} for name, path in files.items()}
+    return {name: {m for m in imported_modules(path, type_only_too) if m in files and m != name}
+            for name, path in files.items()}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk of the import graph meets, as the modules around it."""
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for dep in sorted(graph[name]):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(name)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    return cycles
 
 
 def test_converters_never_import_exporter():
@@ -65,21 +87,7 @@ def test_formats_import_no_stage_and_no_pipeline():
 def test_no_import_circles():
     """Package __init__ modules that only re-export are left out: importing a package's submodule does not run a
     cycle back through it."""
-    graph = project_graph()
-    cycles = []
-
-    def visit(name: str, path: list[str]) -> None:
-        for dep in sorted(graph[name]):
-            if dep in path:
-                cycles.append(path[path.index(dep):] + [dep])
-            elif dep not in done:
-                visit(dep, path + [dep])
-        done.add(name)
-
-    done: set[str] = set()
-    for start in sorted(graph):
-        if start not in done:
-            visit(start, [start])
+    cycles = import_cycles(project_graph())
     assert not cycles, cycles[:5]
 
 
@@ -140,33 +148,7 @@ def test_every_converter_error_is_a_converter_error():
 def test_no_import_circles_counting_type_only_imports():
     """An import under `if TYPE_CHECKING:` still ties two modules together for a reader and a type checker: the
     pipeline's modules form no circle even counting those (the context once named the formats' behaviour type)."""
-    files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
-
-    def every_import(path: Path) -> set[str]:
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-                names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        return names
-
-    graph = {name: {m for m in every_import(path) if m in files and m != name} for name, path in files.items()}
-    cycles: list[list[str]] = []
-    done: set[str] = set()
-
-    def visit(name: str, path: list[str]) -> None:
-        for dep in sorted(graph[name]):
-            if dep in path:
-                cycles.append(path[path.index(dep):] + [dep])
-            elif dep not in done:
-                visit(dep, path + [dep])
-        done.add(name)
-
-    for start in sorted(graph):
-        if start not in done:
-            visit(start, [start])
+    cycles = import_cycles(project_graph(type_only_too=True))
     assert not cycles, cycles[:5]
 
 
