@@ -263,3 +263,24 @@ def assert_ollama_template_matches(go_render, tokenizer, conversations) -> int:
         assert fmt.leading + go_render(template, messages) == expected, messages
         checked += 1
     return checked
+
+
+def ort_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding driven with ONNX Runtime's API alone (not the exporter's parity helpers): a prefill from an
+    empty past, then one token at a time from the presents."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32 if i.type == "tensor(float)" else np.float16)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    ids, tokens = prompt, []
+    for _ in range(steps):
+        total = len(prompt) + len(tokens)
+        out = dict(zip(names, session.run(None, {
+            "input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(total - len(ids), total, dtype=np.int64)[None], **past})))
+        tokens.append(int(out["logits"][0, -1].argmax()))
+        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
+        ids = [tokens[-1]]
+    return tokens

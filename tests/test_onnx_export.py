@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import build_peft_adapter, peft_unmerged_logits, train_adapter
+from conftest import build_peft_adapter, ort_greedy, peft_unmerged_logits, train_adapter
 from exporter.cli import main
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,25 +50,6 @@ def bf16_base(folder: Path, arch: str, tokenizer: bool = False) -> Path:
 
 def cli(*args: str):
     return CliRunner().invoke(main, ["-q", "run", "--no-progress", *args])
-
-
-def ort_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
-    """Greedy decoding driven with ONNX Runtime's API alone (not the exporter's parity helpers): a prefill from an
-    empty past, then one token at a time from the presents."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32 if i.type == "tensor(float)" else np.float16)
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    ids, tokens = prompt, []
-    for _ in range(steps):
-        total = len(prompt) + len(tokens)
-        out = dict(zip(names, session.run(None, {
-            "input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(total - len(ids), total, dtype=np.int64)[None], **past})))
-        tokens.append(int(out["logits"][0, -1].argmax()))
-        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
-        ids = [tokens[-1]]
-    return tokens
 
 
 def peft_greedy(base: Path, adapter: Path, prompt: list[int], steps: int) -> list[int]:
