@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from exporter.base import BaseModel
     from exporter.layout import MergeLayout
     from exporter.merge_stream import MergeStream
+    from exporter.parity.figures import ArtifactParity
 
 log = logging.getLogger("lora_export")
 
@@ -163,7 +164,7 @@ class Artifact:
     path: Path  # final location
     staged: Path  # where it is written until the run succeeds
     variant: str = ""  # the dtype (safetensors) or type (GGUF) it was written in
-    parity: dict[str, Any] | None = None
+    parity: ArtifactParity | None = None  # set by the parity stage
     details: dict[str, Any] = field(default_factory=dict)  # what its writer measured (bitsandbytes: what survived)
 
 

@@ -191,7 +191,7 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
                 # The merge runs while the export stage pumps its stream: its time is the merge's, not the export's.
                 ctx.timings["merge"] = ctx.timings.get("merge", 0.0) + ctx.merge.seconds
                 ctx.timings["export"] -= ctx.merge.seconds
-            failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity["passed"]]
+            failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity.passed]
             if ctx.model_files is not None:
                 shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
             ctx.report = write_run_outputs(ctx)
@@ -199,7 +199,7 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
                 # Keep the figures for the user, outside the (discarded) output.
                 report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")
                 shutil.copyfile(ctx.staging / "report.json", report_path)
-                names = ", ".join(f"{a.format} ({a.parity['failures']})" for a in failed)
+                names = ", ".join(f"{a.format} ({'; '.join(a.parity.failures)})" for a in failed)
                 raise ParityError(str(plan.out), f"parity failed for {names}; nothing was written.",
                                   f"see {report_path}; pass --accept-parity-failure to keep the output anyway.")
             _commit(ctx)

@@ -45,7 +45,8 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "notes": ctx.notes,
         "merge": _merge_summary(ctx),
         "artifacts": [
-            {"format": a.format, "path": str(a.path), "parity": a.parity} for a in ctx.artifacts
+            {"format": a.format, "path": str(a.path), "parity": a.parity.to_report() if a.parity else None}
+            for a in ctx.artifacts
         ],
         "dequantize": ctx.dequantized,
         "requantize": requantize or None,

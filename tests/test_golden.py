@@ -53,7 +53,7 @@ def test_default_bf16_demo_run_passes_parity(demo, tmp_path):
     base, adapter, _, golden = demo
     ctx = run_export(base, adapter, tmp_path / "out")  # the demo's default: the base's bf16
     parity = ctx.artifacts[0].parity
-    assert parity["dtype"] == "bfloat16" and parity["passed"] and parity["decisive_positions"] > 0
+    assert parity.dtype == "bfloat16" and parity.passed and parity.figures.decisive_positions > 0
     from exporter.parity.figures import compare_logits
 
     ours = model_logits(tmp_path / "out", golden["input_ids"], dtype=torch.bfloat16)

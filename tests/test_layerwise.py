@@ -176,7 +176,7 @@ from exporter.context import ExportPlan
 from exporter.pipeline import run_pipeline
 ctx = run_pipeline(ExportPlan(str(base), str(root / "adapter-{layers}"), root / "out-{layers}-{mode}-{run}",
                                parity_memory={mode!r}, progress=False))
-assert ctx.artifacts[0].parity["passed"]
+assert ctx.artifacts[0].parity.passed
 size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 print(json.dumps([ctx.report["parity_run"]["peak_rss_mb"], size]))
 """

@@ -60,7 +60,7 @@ def test_plain_lora_equals_peft(tmp_path, arch):
     assert changed_tensors(base, ours) == {f"model.layers.{i}.{p}.{m}.weight" for i in range(2)
                                            for p, ms in (("self_attn", ATTN_MLP[:4]), ("mlp", ATTN_MLP[4:]))
                                            for m in ms}
-    assert ctx.artifacts[0].parity["passed"] and ctx.artifacts[0].parity["max_abs"] <= 1e-4
+    assert ctx.artifacts[0].parity.passed and ctx.artifacts[0].parity.figures.max_abs <= 1e-4
 
 
 def test_rslora_scale_equals_peft(tmp_path):
@@ -141,7 +141,7 @@ def test_modules_to_save_with_resized_vocab(tmp_path, probe_ids):
     ours = load_output(tmp_path / "out")
     assert ours["model.embed_tokens.weight"].shape[0] == 136 and ours["lm_head.weight"].shape[0] == 136
     # Measured on the base's rows and vocabulary, where the base has logits to compare: the exact merge keeps it all.
-    assert ctx.artifacts[0].parity["adapter_effect_kept"] > 0.999
+    assert ctx.artifacts[0].parity.adapter_effect_kept > 0.999
     assert_matches_peft(ours, peft_merged_state(base, adapter, resize_vocab_to=136))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 136
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == len(tok)
@@ -163,7 +163,7 @@ def test_modules_to_save_as_peft_writes_it_and_the_trained_copy_beside_an_untrai
     ours = load_output(tmp_path / "plain")
     assert_matches_peft(ours, peft_merged_state(base, adapter))
     assert not torch.equal(ours["lm_head.weight"], load_output(base)["lm_head.weight"])  # the trained layer landed
-    assert ctx.artifacts[0].parity["passed"]
+    assert ctx.artifacts[0].parity.passed
 
     tensors = load_file(adapter / "adapter_model.safetensors")
     trained = tensors.pop("base_model.model.lm_head.weight")
@@ -180,7 +180,7 @@ def test_modules_to_save_as_peft_writes_it_and_the_trained_copy_beside_an_untrai
         torch.save({**tensors, **{key: values[key] for key in order}}, both / "adapter_model.bin")  # keeps the order
         ctx = run_export(base, both, tmp_path / f"out-{name}", dtype="float32", allow_pickle=True)
         assert torch.equal(load_output(tmp_path / f"out-{name}")["lm_head.weight"], trained), name
-        assert ctx.artifacts[0].parity["passed"], name  # the reference reads the trained copy too
+        assert ctx.artifacts[0].parity.passed, name  # the reference reads the trained copy too
 
 
 @pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
@@ -212,7 +212,7 @@ def test_bf16_base_equals_peft_fp32_merge_cast_to_bf16(tmp_path):
         assert torch.equal(tensor, peft[name].to(torch.bfloat16)), name  # the fp32 merge, rounded once
     parity = ctx.artifacts[0].parity
     # Measured KL 4.4e-5: bf16 rounding of the merged weights alone (the declared tolerance is 1e-3).
-    assert parity["passed"] and parity["dtype"] == "bfloat16" and parity["kl"] <= 2e-4
+    assert parity.passed and parity.dtype == "bfloat16" and parity.figures.kl <= 2e-4
 
 
 def test_bf16_accumulation_would_be_worse(tmp_path):
@@ -313,7 +313,7 @@ def test_trained_adapter_on_a_bf16_base(tmp_path):
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, peft[name].to(torch.bfloat16)), name
     parity = ctx.artifacts[0].parity
     # Measured KL 4e-5 (bf16 rounding of the merged weights); the declared bf16 tolerance is 1e-3.
-    assert parity["passed"] and parity["kl"] <= 2e-4
+    assert parity.passed and parity.figures.kl <= 2e-4
     # training moved every adapted weight
     assert min(m["relative_change"] for m in ctx.report["merge"]["per_tensor"]) > 0.01
 

@@ -53,7 +53,7 @@ def expected_llama_cpp_tensor(peft: dict[str, torch.Tensor], layer: int, proj: s
 def test_gguf_from_a_bf16_base_carries_the_fp32_merge(bf16_case, tmp_path):
     base, adapter, peft = bf16_case
     ctx = run_export(base, adapter, tmp_path / "out", formats=("gguf:f32", "gguf:f16", "gguf:q8_0"))
-    assert all(a.parity["passed"] for a in ctx.artifacts)
+    assert all(a.parity.passed for a in ctx.artifacts)
     f32, f16 = gguf_tensors(tmp_path / "out" / "model-F32.gguf"), gguf_tensors(tmp_path / "out" / "model-F16.gguf")
     q8 = gguf_tensors(tmp_path / "out" / "model-Q8_0.gguf")
     finer_than_bf16 = 0
@@ -225,4 +225,4 @@ def test_gguf_from_a_config_without_architectures(bf16_case, tmp_path):
     del config["architectures"]
     (plain / "config.json").write_text(json.dumps(config))
     ctx = run_export(plain, adapter, tmp_path / "out", formats=("gguf:f16",))
-    assert ctx.artifacts[0].parity["passed"]
+    assert ctx.artifacts[0].parity.passed

@@ -64,7 +64,7 @@ def test_right_merge_passes_in_both_dtypes(tiny, tmp_path):
     base, adapter = tiny
     for dtype in ("float32", "bfloat16"):
         ctx = run_export(base, adapter, tmp_path / dtype, dtype=dtype)
-        assert ctx.artifacts[0].parity["passed"], ctx.artifacts[0].parity
+        assert ctx.artifacts[0].parity.passed, ctx.artifacts[0].parity
         assert "Parity against base + adapter" in (tmp_path / dtype / "README.md").read_text()
 
 
@@ -161,7 +161,7 @@ def test_accept_parity_failure_keeps_output_and_says_so(tiny, tmp_path, monkeypa
     base, adapter = tiny
     _scale_off_by_sqrt_r(monkeypatch)
     ctx = run_export(base, adapter, tmp_path / "out", accept_parity_failure=True)
-    assert ctx.artifacts[0].parity["passed"] is False
+    assert ctx.artifacts[0].parity.passed is False
     assert json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"][0]["parity"]["passed"] is False
 
 
@@ -219,7 +219,7 @@ def test_a_misread_adapter_fails_parity(tmp_path, monkeypatch, bug):
               else dict(r=16, lora_alpha=8, use_rslora=True))
     adapter = train_adapter(tmp_path / "adapter", base, target_modules=["q_proj", "v_proj", "down_proj"], **kwargs)
     ctx = run_export(base, adapter, tmp_path / "right")
-    assert ctx.artifacts[0].parity["passed"]
+    assert ctx.artifacts[0].parity.passed
     _break_adapter_reading(monkeypatch, bug)
     with pytest.raises(ParityError):
         run_export(base, adapter, tmp_path / "wrong")

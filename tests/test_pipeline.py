@@ -66,7 +66,7 @@ def test_sharded_output_has_index_and_loads(tiny, tmp_path, probe_ids):
     assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
     assert set(index["weight_map"]) == set(load_output(out))
     single = run_export(base, adapter, tmp_path / "single")
-    assert single.artifacts[0].parity["passed"]
+    assert single.artifacts[0].parity.passed
     assert torch.equal(model_logits(out, probe_ids), model_logits(tmp_path / "single", probe_ids))
 
 

@@ -196,7 +196,10 @@ class OnnxFormat(Format):
 
         path = artifact.staged / "model.onnx"
         model = onnx.load(str(path), load_external_data=False)
-        figures = {k: artifact.parity[k] for k in ("runtime", "max_abs", "kl", "top1", "top1_decisive", "passed")}
+        assert artifact.parity is not None
+        p, f = artifact.parity, artifact.parity.figures
+        figures = {"runtime": p.runtime, "max_abs": f.max_abs, "kl": f.kl, "top1": f.top1,
+                   "top1_decisive": f.top1_decisive, "passed": p.passed}
         model.metadata_props.add(key="lora_export.parity", value=json.dumps(figures))
         onnx.save(model, str(path))
 

@@ -3,8 +3,9 @@ against a declared tolerance, and the human table."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -56,8 +57,54 @@ def judge(figures: ParityFigures, tol: Tolerance) -> list[str]:
     return failures
 
 
+@dataclass(frozen=True)
+class ArtifactParity:
+    """One artifact run in its runtime and judged against the reference: what the parity stage hands the runner
+    (which fails the run on ``passed`` False) and what report.json holds under the artifact (``to_report``)."""
+
+    format: str
+    path: str
+    runtime: str  # transformers, llama.cpp, onnxruntime
+    dtype: str  # the variant written (safetensors dtype, GGUF type, ONNX precision)
+    probes: Literal["text", "random ids"]  # which probes the declared tolerance judged
+    figures: ParityFigures  # on the judged probes
+    tolerance: Tolerance  # the declared one, after any --max-abs/--max-kl/--min-top1 override
+    random_ids: ParityFigures | None  # the random-id probes, judged apart when text probes exist
+    random_tolerance: Tolerance | None  # … by this looser bound
+    checks_key: str  # the name its runtime's own checks go under in the report ("tokenizer", "kv_cache")
+    checks: dict[str, Any] | None  # what those checks measured
+    adapter_effect_kept: float | None  # share of the adapter's effect on the probes the artifact keeps
+    adapter_kl: float  # KL of the base without the adapter to the reference: how far the adapter moves the model
+    vs_training_reference: ParityFigures | None  # against base dequantized + adapter, when merged into the original
+    failures: tuple[str, ...]  # the failed criteria, as short phrases
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_report(self) -> dict[str, Any]:
+        """The report.json form (a flat dict: the figures beside what judged them)."""
+        tol = self.tolerance
+        return {
+            "format": self.format, "path": self.path, "runtime": self.runtime, "dtype": self.dtype,
+            "probes": self.probes, **dataclasses.asdict(self.figures),
+            "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
+                           "broken_kl": tol.broken_kl},
+            "threshold_reason": tol.reason,
+            "random_probes": None if self.random_ids is None or self.random_tolerance is None else {
+                **dataclasses.asdict(self.random_ids),
+                "thresholds": {"max_abs": self.random_tolerance.max_abs, "max_kl": self.random_tolerance.max_kl}},
+            self.checks_key: self.checks,
+            "adapter_effect_kept": self.adapter_effect_kept, "adapter_kl": self.adapter_kl,
+            "vs_training_reference": None if self.vs_training_reference is None else dataclasses.asdict(
+                self.vs_training_reference),
+            "passed": self.passed, "failures": "; ".join(self.failures),
+        }
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table of parity results, one row per artifact."""
+    """A fixed-width table of parity results, one row per artifact, from their report form (ArtifactParity.to_report:
+    the model card draws it from report.json)."""
     header = ("artifact", "runtime", "dtype", "positions", "max|Δlogit|", "KL(ref‖out)", "top-1", "top-1 decisive",
               "result")
     lines = [header]

@@ -25,7 +25,7 @@ import torch
 from exporter.context import Artifact, Context, ParityOutcome
 from exporter.errors import ExportError, StageCheckError
 from exporter.formats import FORMATS
-from exporter.parity.figures import compare_logits, format_table, judge
+from exporter.parity.figures import ArtifactParity, compare_logits, format_table, judge
 from exporter.parity.layerwise import LayerwiseError, count_weighted_modules, probe_logits, \
     return_freed_memory_to_the_os, skeleton
 from exporter.parity.probes import Probes, probe_inputs
@@ -158,7 +158,7 @@ class ParityStage:
         for artifact in ctx.artifacts:
             artifact.parity = self._judge(ctx, artifact, refs, tok)
             FORMATS.get(artifact.format).after_parity(artifact, ctx)
-        table = format_table([a.parity for a in ctx.artifacts if a.parity])
+        table = format_table([a.parity.to_report() for a in ctx.artifacts if a.parity])
         log.debug("parity:\n%s", table)
         return refs.described, table
 
@@ -192,8 +192,8 @@ class ParityStage:
                            width, adapter_kl, described)
 
     @staticmethod
-    def _judge(ctx: Context, artifact: Artifact, refs: _References, tok: Any) -> dict[str, Any]:
-        """One artifact run in its runtime and judged: its figures, as the report holds them."""
+    def _judge(ctx: Context, artifact: Artifact, refs: _References, tok: Any) -> ArtifactParity:
+        """One artifact run in its runtime and judged."""
         fmt = FORMATS.get(artifact.format)
         with closing(fmt.open_runtime(artifact, ctx)) as runtime:
             out_logits = runtime.logits(refs.probes.inputs)
@@ -206,11 +206,9 @@ class ParityStage:
             random_figures = compare_logits(ref_logits[~text_rows], out_logits[~text_rows])
             random_tol = _out_of_distribution(tol)
             failures = judge(figures, tol) + [f"random ids: {f}" for f in judge(random_figures, random_tol)] + failures
-            random_part = {**dataclasses.asdict(random_figures),
-                           "thresholds": {"max_abs": random_tol.max_abs, "max_kl": random_tol.max_kl}}
         else:
             figures = compare_logits(ref_logits, out_logits)
-            failures, random_part = judge(figures, tol) + failures, None
+            failures, random_figures, random_tol = judge(figures, tol) + failures, None, None
         if tol.broken_kl is not None and figures.kl > refs.adapter_kl + tol.broken_kl:
             failures.append(f"KL {figures.kl:.3g} > the base's own {refs.adapter_kl:.3g} + {tol.broken_kl:g}")
         kept = _effect_kept(compare_logits(refs.effect_ref, out_logits[refs.effect_rows][:, :refs.width]).kl,
@@ -222,19 +220,14 @@ class ParityStage:
                 failures.append(f"keeps {kept:.0%} of the adapter's effect < {ctx.plan.min_effect_kept:.0%}")
             else:
                 ctx.note(message + f"; below {ctx.plan.min_effect_kept:.0%}")
-        judged = refs.judged_rows
-        return {
-            "format": artifact.format, "path": str(artifact.path), "runtime": fmt.runtime,
-            "dtype": artifact.variant, "probes": "text" if text_rows.any() else "random ids",
-            **dataclasses.asdict(figures),
-            "thresholds": {"max_abs": tol.max_abs, "max_kl": tol.max_kl, "min_top1": tol.min_top1,
-                           "broken_kl": tol.broken_kl},
-            "threshold_reason": tol.reason, "random_probes": random_part, fmt.checks_key: extra,
-            "adapter_effect_kept": kept, "adapter_kl": refs.adapter_kl,
-            "vs_training_reference": None if refs.training_logits is None else dataclasses.asdict(
-                compare_logits(refs.training_logits[judged], out_logits[judged])),
-            "passed": not failures, "failures": "; ".join(failures),
-        }
+        return ArtifactParity(
+            format=artifact.format, path=str(artifact.path), runtime=fmt.runtime, dtype=artifact.variant,
+            probes="text" if text_rows.any() else "random ids", figures=figures, tolerance=tol,
+            random_ids=random_figures, random_tolerance=random_tol, checks_key=fmt.checks_key, checks=extra,
+            adapter_effect_kept=kept, adapter_kl=refs.adapter_kl,
+            vs_training_reference=None if refs.training_logits is None else compare_logits(
+                refs.training_logits[refs.judged_rows], out_logits[refs.judged_rows]),
+            failures=tuple(failures))
 
     def check(self, ctx: Context) -> None:
         # A failed comparison is reported by the runner (after report.json is written), not raised here, so the
