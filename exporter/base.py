@@ -1,4 +1,4 @@
-"""Resolving the base model — a local Hugging Face folder, or a model id already in the local HF cache (offline) — and
+"""Reading the base model — a local Hugging Face folder (a Hub id is downloaded first, by exporter/hub.py) — and
 presenting its tensors as the float model it stands for.
 
 A bitsandbytes-quantized base (NF4/FP4/int8, as transformers saves it) is presented tensor by tensor as its
@@ -9,7 +9,6 @@ codes when asked (converters/bnb), so every stage downstream sees one kind of ba
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,26 +30,15 @@ _OTHER_QUANTIZATION = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "compressed-t
                        "higgs": "HIGGS", "vptq": "VPTQ", "spqr": "SpQR", "auto-round": "AutoRound"}
 
 
-def resolve_local_or_cached(spec: str, what: str, marker: str) -> Path:
-    """A folder path as given, else a repo id looked up in the local Hugging Face cache without any network."""
+def local_folder(spec: str, what: str, marker: str) -> Path:
+    """The folder ``spec`` names (Hub ids are fetched by exporter/hub.py before this is asked)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise InputError(spec, f"is a file; the {what} must be a folder.", f"pass the folder that holds {marker}.")
-    looks_like_repo_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if looks_like_repo_id:
-        try:
-            from huggingface_hub import snapshot_download
-
-            # huggingface_hub reads HF_HUB_CACHE once at import; read it at call time so the setting in force wins.
-            cache_dir = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-            return Path(snapshot_download(spec, local_files_only=True, cache_dir=cache_dir))
-        except Exception as e:  # huggingface_hub raises several types for "not in cache"
-            raise InputError(spec, f"is not a folder and not in the local Hugging Face cache ({type(e).__name__}).",
-                             f"download it first (huggingface-cli download {spec}) or pass a local folder; "
-                             "lora-export never downloads at run time.") from e
-    raise InputError(spec, f"no such folder for the {what}.", f"pass the folder that holds {marker}.")
+    raise InputError(spec, f"no such folder for the {what}, and not a Hub id (org/name or org/name@revision).",
+                     f"pass the folder that holds {marker}, or its Hub id.")
 
 
 @dataclass(frozen=True)
@@ -162,8 +150,8 @@ def _quantization(config_path: Path, config: dict[str, Any]) -> Any:
                          "saved with the quantized model.") from e
 
 
-def load_base(spec: str) -> BaseModel:
-    path = resolve_local_or_cached(spec, "base model", "config.json and *.safetensors")
+def load_base(spec: str | Path) -> BaseModel:
+    path = local_folder(str(spec), "base model", "config.json and *.safetensors")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(str(config_path), "is missing, so this is not a Hugging Face model folder.",

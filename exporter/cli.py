@@ -86,6 +86,8 @@ def _print_result(ctx) -> None:
     if table:
         click.echo(table)
     click.echo(f"wrote {ctx.plan.out} (report: {ctx.plan.out / 'report.json'})")
+    for pushed in ctx.published:
+        click.echo(f"pushed {pushed['repo_id']}: {pushed['pr_url'] or pushed['url']}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,8 +99,10 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 @main.command()
-@once("--base", required=True, help="Base model: a Hugging Face folder, or an id already in the local HF cache.")
-@once("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
+@once("--base", default=None, help="Base model: a Hugging Face folder, or a Hub id org/name[@revision] (downloaded: "
+      "config, tokenizer and the safetensors weights only). [default: the adapter's base_model_name_or_path]")
+@once("--adapter", required=True, help="PEFT adapter: a folder (adapter_config.json + adapter_model.safetensors) "
+      "or a Hub id org/name[@revision].")
 @once("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
 @click.option("--to", "formats", multiple=True,
               help="Export format; repeat it or give a comma list (default safetensors): safetensors (in "
@@ -134,12 +138,18 @@ def main(verbose: int, quiet: bool) -> None:
 @once("--min-top1", type=click.FloatRange(0.0, 1.0), default=None,
       help="Parity: top-1 agreement on decisive positions (0-1).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
+@once("--push-to", default=None, help="After parity passes, publish to this Hub repo (org/name): merged safetensors "
+      "there, GGUF to org/name-GGUF, ONNX to org/name-ONNX, bitsandbytes to org/name-bnb-TYPE, gguf-lora to "
+      "org/name-LoRA-GGUF, each with a model card. Run the same command again to resume an interrupted upload.")
+@click.option("--private", is_flag=True, help="Create the pushed repos as private.")
+@once("--revision", "push_revision", default=None, help="Push to this branch (created when missing) instead of main.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request on each pushed repo instead of committing.")
+def run(base: str | None, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
         device: str, parity: str, original_base: str | None, merge_into: str, min_effect_kept: float,
         require_effect_kept: bool, parity_memory: str,
         overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
         accept_parity_failure: bool, max_abs: float | None, max_kl: float | None, min_top1: float | None,
-        no_progress: bool) -> None:
+        no_progress: bool, push_to: str | None, private: bool, push_revision: str | None, create_pr: bool) -> None:
     """Merge ADAPTER into BASE and export it.
 
     \b
@@ -148,6 +158,8 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./gguf --to gguf:q8_0,gguf:q4_k_m
       lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./all --to safetensors --to gguf:f16
     lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./onnx --to onnx:fp16
+      lora-export run --base meta-llama/Llama-3.2-1B --adapter me/my-lora --out ./m --to safetensors,gguf:q4_k_m
+      --push-to me/my-model
     """
     with reported_errors():
         plan = ExportPlan(
@@ -158,7 +170,8 @@ def run(base: str, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: 
             allow_pickle=allow_pickle,
             max_shard_size=parse_size(max_shard_size), check_finite=not no_check_finite,
             accept_parity_failure=accept_parity_failure, max_abs=max_abs, max_kl=max_kl, min_top1=min_top1,
-            progress=not no_progress, gguf_pre=gguf_pre,
+            progress=not no_progress, gguf_pre=gguf_pre, push_to=push_to, private=private,
+            push_revision=push_revision, create_pr=create_pr,
         )
         ctx = run_pipeline(plan)
     _print_result(ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,8 @@ _ON_OFF = {"on": True, "off": False}
 _CHOICES = {"device": ("auto", "cpu", "cuda"), "parity_memory": ("auto", "whole", "streamed"),
             "merge_into": ("dequantized", "original")}
 _BOOLEANS = ("parity", "overwrite", "allow_pickle", "check_finite", "accept_parity_failure", "progress",
-             "require_effect_kept")
+             "require_effect_kept", "private", "create_pr")
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name as the Hub spells ids
 
 
 def _plan_error(field_name: str, value: Any, expected: str) -> ExportError:
@@ -63,7 +65,7 @@ class ExportPlan:
     (a wrong type or value is an ExportError naming the field and what it takes); the CLI's own words are accepted
     where they mean one thing (parity="off", dtype="bf16", formats="safetensors,onnx", max_shard_size="2GB")."""
 
-    base: str
+    base: str | None  # a folder or a Hub id (org/name[@revision]); None: the one the adapter names
     adapter: str
     out: Path
     formats: tuple[str, ...] = ("safetensors",)  # "safetensors", "gguf:q8_0", … (see exporter/formats)
@@ -86,6 +88,10 @@ class ExportPlan:
     merge_into: str = "dequantized"  # dequantized | original: which weights a quantized base's adapter is merged into
     min_effect_kept: float = 0.5  # warn when an artifact keeps less of the adapter's effect than this
     require_effect_kept: bool = False  # … and fail parity instead of warning
+    push_to: str | None = None  # publish to this Hub repo (and its -GGUF/-ONNX/… siblings: exporter/stages/publish.py)
+    private: bool = False  # repos the push creates are private
+    push_revision: str | None = None  # the branch pushed to (created from main when missing); None: main
+    create_pr: bool = False  # open a pull request instead of committing to the branch
 
     def __post_init__(self) -> None:
         def keep(name: str, value: Any) -> None:  # frozen: normalised values go in through object.__setattr__
@@ -93,6 +99,8 @@ class ExportPlan:
 
         for name in ("base", "adapter"):
             value = getattr(self, name)
+            if name == "base" and value is None:
+                continue
             if not isinstance(value, (str, Path)) or not str(value):
                 raise _plan_error(name, value, "a folder path or a Hub id (a non-empty str or Path)")
             keep(name, str(value))
@@ -147,13 +155,24 @@ class ExportPlan:
             if isinstance(self.stages, str) or not all(isinstance(s, str) for s in self.stages):
                 raise _plan_error("stages", self.stages, "None or a tuple of stage names")
             keep("stages", tuple(self.stages))
+        if self.push_to is not None and not (isinstance(self.push_to, str) and _HUB_REPO.match(self.push_to)):
+            raise _plan_error("push_to", self.push_to, "None or a Hub repo id such as 'me/my-model' (no @revision)")
+        for name in ("push_revision",):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise _plan_error(name, value, "None or a branch name")
+        if self.create_pr and self.push_revision is not None:
+            raise _plan_error("create_pr", self.create_pr, "False when push_revision is given (a pull request is "
+                              "opened against the default branch)")
+        if (self.private or self.create_pr or self.push_revision) and self.push_to is None:
+            raise _plan_error("push_to", None, "a Hub repo id when private, push_revision or create_pr is given")
         if self.gguf_pre is not None and not (isinstance(self.gguf_pre, str) and self.gguf_pre):
             raise _plan_error("gguf_pre", self.gguf_pre, "None or a pre-tokenizer name such as 'llama-bpe'")
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
             return self.stages
-        return tuple(s for s in DEFAULT_STAGES if self.parity or s != "parity")
+        return tuple(s for s in DEFAULT_STAGES if self.parity or s != "parity") + (("publish",) if self.push_to else ())
 
 
 @dataclass
@@ -197,6 +216,9 @@ class InputFacts:
     tokenizer_from: str | None = None
     disk: dict[str, int] = field(default_factory=dict)  # needed_bytes, free_bytes
     original_base: dict[str, str] | None = None  # path, merged_into
+    base_hub: dict[str, str | None] | None = None  # repo_id, revision asked for, commit it resolved to (Hub ids)
+    adapter_hub: dict[str, str | None] | None = None
+    base_card: dict[str, Any] = field(default_factory=dict)  # license, license_name, license_link, base_model
 
 
 @dataclass(frozen=True)
@@ -220,6 +242,7 @@ class Context:
     merge:       merge (a MergeStream: the merge itself, pulled once by the export stage's writers)
     export:      artifacts
     parity:      parity_mode, parity (and each artifact's figures, artifact.parity)
+    publish:     published (runs after the output is in place, from report.json and the output folder)
     runner:      staging, timings, report (report.json as written); anyone: note()
     """
 
@@ -249,6 +272,8 @@ class Context:
     # parity
     parity_mode: str = "whole"  # how parity runs transformers models: all weights loaded, or module by module
     parity: ParityOutcome | None = None
+    # publish
+    published: list[dict[str, Any]] = field(default_factory=list)  # each repository pushed: id, commit, files
     # the runner
     staging: Path | None = None  # temporary folder beside the target; renamed into place on success
     timings: dict[str, float] = field(default_factory=dict)

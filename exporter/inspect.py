@@ -6,11 +6,11 @@ import math
 from typing import Any
 
 from exporter.adapter import load_adapter
-from exporter.base import resolve_local_or_cached
+from exporter.hub import fetch_adapter, fetch_base
 
 
 def describe(adapter_spec: str, base_spec: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    adapter = load_adapter(resolve_local_or_cached(adapter_spec, "adapter", "adapter_config.json"), allow_pickle=False)
+    adapter = load_adapter(fetch_adapter(adapter_spec, allow_pickle=False)[0], allow_pickle=False)
     cfg = adapter.config
     info: dict[str, Any] = {
         "adapter": str(adapter.path),
@@ -32,7 +32,7 @@ def describe(adapter_spec: str, base_spec: str | None = None, dtype: str | None 
         from exporter.layout import build_layout
         from exporter.stages.load import choose_dtype
 
-        base = load_base(base_spec)
+        base = load_base(fetch_base(base_spec)[0])
         out_dtype = choose_dtype(dtype, base)
         layout = build_layout(base, adapter, out_dtype)  # raises a MismatchError when they do not fit
         info["base"] = str(base.path)

@@ -2,13 +2,16 @@
 
 Stages run in order (load → dequantize → merge → export → parity by default). Each stage has a ``run`` over the
 shared context and a ``check`` of its own output; the runner times them, stops at the first failure, and only when
-every stage has passed moves the staged outputs into place. Third-party stages register through the entry-point
-group ``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
+every stage has passed moves the staged outputs into place. A stage with ``after_commit = True`` (publish) runs
+after that, on the output in place, from its report.json; when the output already holds what the same request
+built, only those stages run (a push that died midway is resumed by the same command). Third-party stages register
+through the entry-point group ``lora_export.stages`` (an entry point names a Stage class or a zero-argument factory).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -21,7 +24,7 @@ from typing import Protocol, runtime_checkable
 from exporter.context import Context, ExportPlan
 from exporter.errors import ExportError, FileSystemError, OutputError, ParityError
 from exporter.registry import Registry
-from exporter.report import write_run_outputs
+from exporter.report import request_fingerprint, write_run_outputs
 from exporter.stages import BUILTIN_STAGES
 
 log = logging.getLogger("lora_export")
@@ -172,43 +175,76 @@ def run_pipeline(plan: ExportPlan, registry: StageRegistry | None = None) -> Con
         raise OutputError(str(plan.out), f"its parent folder {plan.out.parent} does not exist.", "create it first.")
     registry = registry or default_registry()
     stages = [registry.create(name) for name in plan.stage_names()]
+    building = [s for s in stages if not getattr(s, "after_commit", False)]
     ctx = Context(plan)
     with OutputLock(plan.out):
         _restore_replaced_output(ctx)
-        _check_output_target(plan)
-        ctx.staging = plan.out.with_name(f".{plan.out.name}.partial-{os.getpid()}")
-        _remove_stale_staging(ctx)
-        try:
-            ctx.staging.mkdir()
-            for stage in stages:
-                log.info("stage %s …", stage.name)
-                start = time.perf_counter()
-                stage.run(ctx)
-                stage.check(ctx)
-                ctx.timings[stage.name] = time.perf_counter() - start
-                log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
-            if ctx.merge is not None and "export" in ctx.timings:
-                # The merge runs while the export stage pumps its stream: its time is the merge's, not the export's.
-                ctx.timings["merge"] = ctx.timings.get("merge", 0.0) + ctx.merge.seconds
-                ctx.timings["export"] -= ctx.merge.seconds
-            failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity.passed]
-            if ctx.model_files is not None:
-                shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
-            ctx.report = write_run_outputs(ctx)
-            if failed and not plan.accept_parity_failure:
-                # Keep the figures for the user, outside the (discarded) output.
-                report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")
-                shutil.copyfile(ctx.staging / "report.json", report_path)
-                names = ", ".join(f"{a.format} ({'; '.join(a.parity.failures)})" for a in failed)
-                raise ParityError(str(plan.out), f"parity failed for {names}; nothing was written.",
-                                  f"see {report_path}; pass --accept-parity-failure to keep the output anyway.")
-            _commit(ctx)
-        except OSError as e:
-            raise _os_error(e, ctx) from e
-        finally:
-            for request in ctx.formats:  # a writer a pre-flight opened, if the run failed before export took it
-                if hasattr(request.prepared, "abort"):
-                    request.prepared.abort()
-            if ctx.staging is not None and ctx.staging.exists():
-                shutil.rmtree(ctx.staging, ignore_errors=True)
+        built = _built_by_this_request(plan)
+        if built is not None:
+            ctx.report = built
+            log.warning("%s already holds what this command builds (its report.json says so): not rebuilding it, "
+                        "going on to %s", plan.out, ", ".join(s.name for s in stages if s not in building))
+        else:
+            _build(ctx, building)
+        for stage in stages:  # publishing: on the output in place, after everything else passed
+            if stage not in building:
+                _run_stage(stage, ctx)
     return ctx
+
+
+def _built_by_this_request(plan: ExportPlan) -> dict | None:
+    """report.json of a finished output of this very request, when the run has work left after the build (a push
+    to resume) and --overwrite does not ask for a rebuild; else None."""
+    report_path = plan.out / "report.json"
+    if plan.overwrite or plan.push_to is None or not report_path.is_file():
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        return None
+    return report if report.get("request") == request_fingerprint(plan) else None
+
+
+def _run_stage(stage: Stage, ctx: Context) -> None:
+    log.info("stage %s …", stage.name)
+    start = time.perf_counter()
+    stage.run(ctx)
+    stage.check(ctx)
+    ctx.timings[stage.name] = time.perf_counter() - start
+    log.info("stage %s done in %.2f s", stage.name, ctx.timings[stage.name])
+
+
+def _build(ctx: Context, stages: list[Stage]) -> None:
+    """The stages that build the output, in a staging folder renamed into place when all of them have passed."""
+    plan = ctx.plan
+    _check_output_target(plan)
+    ctx.staging = plan.out.with_name(f".{plan.out.name}.partial-{os.getpid()}")
+    _remove_stale_staging(ctx)
+    try:
+        ctx.staging.mkdir()
+        for stage in stages:
+            _run_stage(stage, ctx)
+        if ctx.merge is not None and "export" in ctx.timings:
+            # The merge runs while the export stage pumps its stream: its time is the merge's, not the export's.
+            ctx.timings["merge"] = ctx.timings.get("merge", 0.0) + ctx.merge.seconds
+            ctx.timings["export"] -= ctx.merge.seconds
+        failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity.passed]
+        if ctx.model_files is not None:
+            shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
+        ctx.report = write_run_outputs(ctx)
+        if failed and not plan.accept_parity_failure:
+            # Keep the figures for the user, outside the (discarded) output.
+            report_path = plan.out.with_name(f"{plan.out.name}.failed-report.json")
+            shutil.copyfile(ctx.staging / "report.json", report_path)
+            names = ", ".join(f"{a.format} ({'; '.join(a.parity.failures)})" for a in failed)
+            raise ParityError(str(plan.out), f"parity failed for {names}; nothing was written.",
+                              f"see {report_path}; pass --accept-parity-failure to keep the output anyway.")
+        _commit(ctx)
+    except OSError as e:
+        raise _os_error(e, ctx) from e
+    finally:
+        for request in ctx.formats:  # a writer a pre-flight opened, if the run failed before export took it
+            if hasattr(request.prepared, "abort"):
+                request.prepared.abort()
+        if ctx.staging is not None and ctx.staging.exists():
+            shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -30,6 +30,17 @@ def _merge_summary(ctx: Any) -> dict[str, Any]:
     }
 
 
+# Plan fields that do not change what is built: where it goes, how it is shown, and where it is published.
+_NOT_BUILD = ("out", "overwrite", "progress", "push_to", "private", "push_revision", "create_pr")
+
+
+def request_fingerprint(plan: Any) -> dict[str, Any]:
+    """What was asked to be built, as report.json keeps it: the same command run again (say, to resume a push that
+    died midway) finds the output it already built and does not rebuild it."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan).items()
+            if k not in _NOT_BUILD}
+
+
 def build_report(ctx: Any) -> dict[str, Any]:
     """report.json, from what each stage handed on (exporter/context.py's Context says which stage wrote what)."""
     hashes = ctx.base_hashes.wait() if ctx.base_hashes is not None else {}
@@ -37,6 +48,7 @@ def build_report(ctx: Any) -> dict[str, Any]:
     requantize = {a.variant: a.details["requantize"] for a in ctx.artifacts if "requantize" in a.details}
     return {
         "lora_export_version": VERSION,
+        "request": request_fingerprint(ctx.plan),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": (dataclasses.asdict(inputs) if inputs else {}) | {"base_sha256": hashes},
         "output_dtype": str(ctx.out_dtype).replace("torch.", "") if ctx.out_dtype else None,
@@ -45,7 +57,8 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "notes": ctx.notes,
         "merge": _merge_summary(ctx),
         "artifacts": [
-            {"format": a.format, "path": str(a.path), "parity": a.parity.to_report() if a.parity else None}
+            {"format": a.format, "variant": a.variant, "path": str(a.path),
+             "parity": a.parity.to_report() if a.parity else None}
             for a in ctx.artifacts
         ],
         "dequantize": ctx.dequantized,

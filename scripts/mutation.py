@@ -3,6 +3,7 @@
     .venv/bin/python scripts/mutation.py                 # every target module: ~1,600 mutants, about 4 hours on 2 cores
     .venv/bin/python scripts/mutation.py exporter/merge_math.py --limit 20
     .venv/bin/python scripts/mutation.py --sample 12 --seed 0   # 12 mutants drawn at random from each module
+    .venv/bin/python scripts/mutation.py exporter/stages/load.py --only _original_base   # the mutants of one function
 
 Each mutant changes one thing in one target module: an arithmetic or comparison operator, `and`/`or`, a `not` or a
 unary minus dropped, a number nudged (n → n+1, x → 2x), a boolean flipped, an in-place call such as `w.mul_(…)`
@@ -311,6 +312,8 @@ def main() -> None:
                         "(an unbiased estimate of the score in a fraction of the time; --limit takes the first ones, "
                         "which cluster in a module's first functions)")
     parser.add_argument("--seed", type=int, default=0, help="the draw of --sample")
+    parser.add_argument("--only", default=None, help="only the mutants whose key (as printed for survivors) contains "
+                        "this text: to check that a new test kills the mutants it was written for")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-out" / "mutation")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own project copy "
                         "with single-threaded torch (default 2: the CI machine's cores)")
@@ -334,6 +337,8 @@ def main() -> None:
             print(f"{module}: tests pass unmutated in {baseline:.0f} s", flush=True)
             original = (ROOT / module).read_text()
             generated = generate(module)[: args.limit]
+            if args.only is not None:
+                generated = [g for g in generated if args.only in g[0].key]
             if args.sample is not None and args.sample < len(generated):
                 drawn = sorted(random.Random(f"{args.seed}:{module}").sample(range(len(generated)), args.sample))
                 generated = [generated[i] for i in drawn]

@@ -174,11 +174,12 @@ def load_output(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def run_export(base: Path, adapter: Path, out: Path, **plan_kwargs):
+def run_export(base: Path | None, adapter: Path, out: Path, **plan_kwargs):
     from exporter.context import ExportPlan
     from exporter.pipeline import run_pipeline
 
-    return run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=out, progress=False, **plan_kwargs))
+    return run_pipeline(ExportPlan(base=None if base is None else str(base), adapter=str(adapter), out=out,
+                                   progress=False, **plan_kwargs))
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:

@@ -161,6 +161,7 @@ CONTEXT_OWNERS = {
     "exporter.stages.merge": {"merge"},
     "exporter.stages.export": {"artifacts"},
     "exporter.stages.parity": {"parity_mode", "parity"},
+    "exporter.stages.publish": {"published"},
     "exporter.pipeline": {"staging", "timings", "report"},
     "exporter.context": {"notes"},  # through Context.note
 }

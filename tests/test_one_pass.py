@@ -134,7 +134,8 @@ def test_an_option_given_twice_is_an_error(bf16_case, tmp_path):
     values = {"--base": str(base), "--adapter": str(adapter), "--out": str(tmp_path / "out"), "--dtype": "float32",
               "--device": "cpu", "--parity": "off", "--max-shard-size": "1GB", "--max-abs": "1", "--max-kl": "1",
               "--min-top1": "0.5", "--gguf-pre": "llama-bpe", "--parity-memory": "whole",
-              "--original-base": str(base), "--merge-into": "dequantized", "--min-effect-kept": "0.5"}
+              "--original-base": str(base), "--merge-into": "dequantized", "--min-effect-kept": "0.5",
+              "--push-to": "me/model", "--revision": "dev"}
     checked = 0
     for command in main.commands.values():
         once = [p for p in command.params if isinstance(p, OnceOption)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -11,15 +10,18 @@ from pathlib import Path
 import torch
 
 from exporter.adapter import load_adapter
-from exporter.base import BaseModel, load_base, resolve_local_or_cached
+from exporter.base import BaseModel, load_base
 from exporter.context import Context, InputFacts
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import format_of, parse_formats
+from exporter.hub import HUB_FILE_LIMIT, card_metadata, fetch_adapter, fetch_base, parse_hub_ref, sha256_file
 from exporter.layout import Source, build_layout
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
 from exporter.schemas import check_tokenizer_config, tokenizer_json_ids
 
 log = logging.getLogger("lora_export")
+
+_CARD_KEYS = ("license", "license_name", "license_link", "base_model")  # what published cards repeat of the base's
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -47,14 +49,6 @@ def choose_dtype(requested: str | None, base: BaseModel) -> torch.dtype:
     return _DTYPES[name]
 
 
-def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _BackgroundHashes:
     """sha256 of the base shards, computed on another thread while the merge runs (hashlib releases the GIL)."""
 
@@ -78,9 +72,10 @@ class LoadStage:
     def run(self, ctx: Context) -> None:
         plan = ctx.plan
         ctx.formats = parse_formats(plan.formats)  # a typo in --to costs nothing
-        adapter_dir = resolve_local_or_cached(plan.adapter, "adapter", "adapter_config.json")
+        adapter_dir, adapter_hub = fetch_adapter(plan.adapter, plan.allow_pickle, plan.progress)
         ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
-        ctx.base = load_base(plan.base)
+        base_dir, base_hub = fetch_base(self._base_spec(ctx), plan.progress)
+        ctx.base = load_base(base_dir)
         ctx.device = choose_device(plan.device)
         ctx.out_dtype = choose_dtype(plan.dtype, ctx.base)
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
@@ -106,12 +101,33 @@ class LoadStage:
                 request.prepared = ready
         disk = self._check_disk_space(ctx)
         ctx.inputs = InputFacts(str(ctx.base.path), str(ctx.adapter.path), adapter_sha256,
-                                str(ctx.tokenizer_dir) if ctx.tokenizer_dir else None, disk, original)
+                                str(ctx.tokenizer_dir) if ctx.tokenizer_dir else None, disk, original,
+                                base_hub.as_report() if base_hub else None,
+                                adapter_hub.as_report() if adapter_hub else None,
+                                {k: v for k, v in card_metadata(ctx.base.path).items() if k in _CARD_KEYS})
         ctx.tokenizer_json = None  # hundreds of MB of Python objects for a large vocabulary: not kept for the merge
         ctx.base_hashes = _BackgroundHashes([f.path for f in ctx.base.files])
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensors), len(ctx.base.files), len(ctx.adapter.modules),
                  len(ctx.adapter.replacements), ctx.out_dtype, ctx.device)
+
+    @staticmethod
+    def _base_spec(ctx: Context) -> str:
+        """--base, else the base the adapter names (base_model_name_or_path); a Hub id that differs from the adapter's
+        is worth a warning (the adapter may have been trained on another model), not a refusal: the layout check
+        that follows refuses what does not fit."""
+        named = ctx.adapter.base_model_name
+        if ctx.plan.base is None:
+            if not named:
+                raise InputError(str(ctx.adapter.path / "adapter_config.json"), "names no base model "
+                                 "(base_model_name_or_path), and no --base was given.", "pass --base.")
+            log.info("base model: %s (the adapter's base_model_name_or_path)", named)
+            return str(named)
+        given, theirs = parse_hub_ref(ctx.plan.base), parse_hub_ref(str(named)) if named else None
+        if given is not None and theirs is not None and given.repo_id.lower() != theirs.repo_id.lower():
+            ctx.note(f"--base {ctx.plan.base} is not the base the adapter names ({named}, its adapter_config.json's "
+                     "base_model_name_or_path): check it is the model the adapter was trained on")
+        return ctx.plan.base
 
     @staticmethod
     def _check_tokenizer(ctx: Context) -> None:
@@ -140,6 +156,16 @@ class LoadStage:
         sizes = [format_of(request).output_bytes(ctx, request) for request in ctx.formats]
         need = sum(final for final, _ in sizes) + max((transient for _, transient in sizes), default=0) + 2**20
         free = shutil.disk_usage(ctx.staging).free
+        if ctx.plan.push_to:
+            # GGUF and ONNX weights are one file each: one over the Hub's limit is refused now, not after the merge.
+            too_big = [f"{request} ({final / 1e9:.0f} GB)" for request, (final, _) in zip(ctx.formats, sizes)
+                       if request.name in ("gguf", "onnx", "gguf-lora") and final >= HUB_FILE_LIMIT]
+            if ctx.plan.max_shard_size >= HUB_FILE_LIMIT:
+                too_big.append(f"safetensors shards of up to {ctx.plan.max_shard_size / 1e9:.0f} GB")
+            if too_big:
+                raise InputError(f"--push-to {ctx.plan.push_to}", "the Hub takes files under 50 GB, and these would "
+                                 f"be larger: {', '.join(too_big)}.", "choose a smaller GGUF type or --max-shard-size, "
+                                 "or push without those formats.")
         if need > free:
             raise FileSystemError(str(ctx.plan.out.parent), f"the output needs {need / 1e9:.2f} GB and the disk has "
                                   f"{free / 1e9:.2f} GB free ({', '.join(map(str, ctx.formats))}).",
@@ -160,7 +186,7 @@ class LoadStage:
         if ctx.base.quantization is None:
             raise InputError(f"--original-base {plan.original_base}", "is for a quantized --base, and this base is "
                              "not quantized.", "drop --original-base (the base is already full precision).")
-        original = load_base(plan.original_base)
+        original = load_base(fetch_base(plan.original_base, plan.progress)[0])
         if original.quantization is not None:
             raise InputError(str(original.path / "config.json"), "is itself a quantized model.",
                              "pass the full-precision model the quantized base was made from.")
