@@ -103,7 +103,11 @@ TARGETS: dict[str, list[str]] = {
     # 11 mutants; 8 s + 33 s (the Ctrl-C and full-disk paths)
     "exporter/stages/export.py": ["tests/test_pipeline.py", "tests/test_faults.py"],
     # 71 mutants; 8 s + 8 s + 61 s (parity held whole or streamed module by module)
-    "exporter/stages/parity.py": ["tests/test_parity.py", "tests/test_pipeline.py", "tests/test_layerwise.py"],
+    "exporter/stages/parity.py": ["tests/test_parity.py", "tests/test_pipeline.py", "tests/test_layerwise.py",
+                                  # a GELU model's GGUF F32: judged by its architecture's own tolerance (ggml's
+                                  # fp16 GELU table), so the architecture must reach the lookup
+                                  "tests/test_gguf.py::test_every_architecture_runs_in_llama_cpp_like_the_"
+                                  "unmerged_model[gemma3]"],
     # -- the formats
     # 9 mutants; 8 s + 18 s
     "exporter/formats/__init__.py": ["tests/test_pipeline.py", "tests/test_cli_options.py"],
