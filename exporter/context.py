@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from exporter.errors import ExportError
+from exporter.hub import REPO_ID
 
 if TYPE_CHECKING:
     from exporter.adapter import Adapter
@@ -52,7 +53,7 @@ _CHOICES = {"device": ("auto", "cpu", "cuda"), "parity_memory": ("auto", "whole"
             "merge_into": ("dequantized", "original")}
 _BOOLEANS = ("parity", "overwrite", "allow_pickle", "check_finite", "accept_parity_failure", "progress",
              "require_effect_kept", "private", "create_pr")
-_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name as the Hub spells ids
+_HUB_REPO = re.compile(rf"^{REPO_ID}$")  # org/name, no @revision: what a push names
 
 
 def _plan_error(field_name: str, value: Any, expected: str) -> ExportError:

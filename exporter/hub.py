@@ -6,7 +6,7 @@ A base is fetched in two steps: first its small files (config, shard index, toke
 exactly the weight files the shard index lists (or model.safetensors without one), pinned to the commit the first
 step resolved. Repositories often hold more than one copy of the weights (Mistral's consolidated.safetensors beside
 the shards, Llama's original/*.pth, *.bin from older uploads, GGUF or ONNX exports in subfolders): none of those is
-downloaded. Pickled files (*.bin, *.pt, *.pth) are fetched only for an adapter under --allow-pickle.
+downloaded; nor is any pickle, except an adapter's adapter_model.bin under --allow-pickle.
 
 Whatever goes wrong is one InputError (exit 2): a gated or missing repository, a revision that does not exist, no
 network, offline mode without the files in the cache.
@@ -26,8 +26,9 @@ from exporter.errors import InputError
 
 log = logging.getLogger("lora_export")
 
-# org/name, each part as the Hub allows it (letters, digits, '-', '_', '.'; no leading '.' or '-'), then @revision.
-_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
+# org/name, each part as the Hub allows it (letters, digits, '-', '_', '.'; no leading '.' or '-').
+REPO_ID = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"
+_REPO_AND_REVISION = re.compile(rf"^(?P<repo>{REPO_ID})(?:@(?P<revision>[^\s@]+))?$")
 
 # The small files of a model or adapter repository that a run may read (the card: for its license and base_model).
 _SMALL_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
@@ -65,7 +66,7 @@ def parse_hub_ref(spec: str) -> HubRef | None:
     cannot be a repo id, which the caller then reports as a missing folder)."""
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         return None
-    match = _REPO_ID.match(spec)
+    match = _REPO_AND_REVISION.match(spec)
     if match is None:
         return None
     return HubRef(match["repo"], match["revision"])
@@ -73,7 +74,7 @@ def parse_hub_ref(spec: str) -> HubRef | None:
 
 def download_base(ref: HubRef, progress: bool = True) -> Downloaded:
     """config.json, tokenizer, card and exactly the safetensors weights the model's index lists."""
-    small = _snapshot(ref, [*_SMALL_FILES], "base model", progress)
+    small = _snapshot(ref, _SMALL_FILES, "base model", progress)
     pinned = HubRef(ref.repo_id, small.commit)
     index = small.path / "model.safetensors.index.json"
     if index.is_file():

@@ -53,7 +53,6 @@ def plan_repos(push_to: str, report: dict[str, Any], out: Path, base_id: str | N
 
     for entry in report["artifacts"]:
         path = Path(entry["path"])
-        variant = (entry.get("parity") or {}).get("dtype") or entry.get("variant")
         if entry["format"] == "safetensors" and path == out:
             r = repo("merged", push_to, "transformers", "merge")
             for f in sorted(out.iterdir()):
@@ -77,7 +76,7 @@ def plan_repos(push_to: str, report: dict[str, Any], out: Path, base_id: str | N
         else:
             raise PublishError(f"--push-to {push_to}", f"does not know where {entry['format']} files go on the Hub.",
                                "push that format yourself (huggingface-cli upload), or leave it out of --to.")
-        r.artifacts.append(entry | {"variant": variant})
+        r.artifacts.append(entry)
     merged = "merged" in by_kind
     for r in by_kind.values():
         if r.relation == "quantized" and not merged:
