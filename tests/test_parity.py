@@ -244,3 +244,23 @@ def test_random_id_probes_get_ten_times_the_kl_and_max_abs_bounds_and_no_top1():
     loose = _out_of_distribution(Tolerance(1e-3, 2e-2, 0.99, "declared"))
     assert (loose.max_abs, loose.max_kl, loose.min_top1) == (pytest.approx(1e-2), pytest.approx(0.2), None)
     assert _out_of_distribution(Tolerance(None, 1e-3, None, "kl only")).max_abs is None
+
+
+def test_report_json_keeps_the_random_id_probes_apart_with_ten_times_the_bounds(tmp_path):
+    """With a tokenizer, text probes are judged by the declared tolerance and the random-id probes apart: report.json
+    carries both, the random ones over exactly the random ids fed, under ten times the declared KL and max |Δ|."""
+    from conftest import build_bf16_llama, train_adapter
+    from exporter.parity.probes import RANDOM_LENGTH, RANDOM_SEQUENCES
+
+    base = build_bf16_llama(tmp_path / "base")
+    adapter = train_adapter(tmp_path / "adapter", base, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    run_export(base, adapter, tmp_path / "out", dtype="float32")  # float32: judged by max |Δ| (bf16: by KL)
+    parity = json.loads((tmp_path / "out" / "report.json").read_text())["artifacts"][0]["parity"]
+    assert parity["probes"] == "text" and parity["passed"]
+    random = parity["random_probes"]
+    assert random["positions"] == RANDOM_SEQUENCES * RANDOM_LENGTH  # the ids drawn, none of the text
+    declared = parity["thresholds"]
+    assert random["thresholds"] == {k: None if declared[k] is None else pytest.approx(10 * declared[k])
+                                    for k in ("max_abs", "max_kl")}
+    assert declared["max_abs"] is not None  # a bound really judged, so the factor shows
+    assert 0 <= random["kl"] and 0 <= random["max_abs"] and 0 <= random["top1"] <= 1
