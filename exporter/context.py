@@ -215,7 +215,7 @@ class InputFacts:
     adapter: str
     adapter_sha256: dict[str, str]
     tokenizer_from: str | None = None
-    disk: dict[str, int] = field(default_factory=dict)  # needed_bytes, free_bytes
+    disk: dict[str, Any] = field(default_factory=dict)  # needed_bytes, free_bytes, planned_bytes {request: bytes}
     original_base: dict[str, str] | None = None  # path, merged_into
     base_hub: dict[str, str | None] | None = None  # repo_id, revision asked for, commit it resolved to (Hub ids)
     adapter_hub: dict[str, str | None] | None = None

@@ -114,16 +114,18 @@ TARGETS: dict[str, list[str]] = {
     # 8 mutants; 14 s + 33 s (the gathered cast: bitsandbytes' float tensors, ONNX's weights)
     "exporter/formats/base.py": ["tests/test_quantized.py", "tests/test_onnx_export.py"],
     # 38 mutants; 8 s + 10 s + 18 s
-    "exporter/formats/safetensors.py": ["tests/test_pipeline.py", "tests/test_merge_vs_peft.py",
-                                        "tests/test_cli_options.py"],
+    "exporter/formats/safetensors.py": ["tests/test_disk_estimates.py", "tests/test_pipeline.py",
+                                        "tests/test_merge_vs_peft.py", "tests/test_cli_options.py"],
     # 86 mutants; 14 s
-    "exporter/formats/bnb.py": ["tests/test_quantized.py"],
+    "exporter/formats/bnb.py": ["tests/test_disk_estimates.py", "tests/test_quantized.py"],
     # 47 mutants; 35 s + 17 s
-    "exporter/formats/gguf.py": ["tests/test_gguf.py", "tests/test_one_pass.py", "tests/test_failure_branches.py"],
+    "exporter/formats/gguf.py": ["tests/test_disk_estimates.py", "tests/test_gguf.py", "tests/test_one_pass.py",
+                                 "tests/test_failure_branches.py"],
     # 21 mutants; 35 s
-    "exporter/formats/gguf_lora.py": ["tests/test_gguf.py", "tests/test_failure_branches.py"],
+    "exporter/formats/gguf_lora.py": ["tests/test_disk_estimates.py", "tests/test_gguf.py",
+                                      "tests/test_failure_branches.py"],
     # 69 mutants; 33 s
-    "exporter/formats/onnx.py": ["tests/test_onnx_export.py"],
+    "exporter/formats/onnx.py": ["tests/test_disk_estimates.py", "tests/test_onnx_export.py"],
 }
 
 _SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,

@@ -44,3 +44,27 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], weight_type: QT) -> QT:
 def byte_shape(shape: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     return (*shape[:-1], shape[-1] // block_size * type_size) if shape else (type_size,)
+
+
+# The K-quant mixes' main type. llama.cpp's quantizer gives some tensors more bits (the output head, attn_v and
+# ffn_down of some layers: Q6_K) and rows 256 does not divide a legacy type (Q8_0 at most) or F16.
+_K_MAIN = {"q4_k_m": QT.Q4_K, "q5_k_m": QT.Q5_K, "q6_k": QT.Q6_K}
+_K_MORE_BITS = ("output.weight", "token_embd.weight", "attn_v.weight", "ffn_down.weight")
+
+
+def k_quant_bytes_bound(gguf_name: str, shape: tuple[int, ...], type_name: str) -> int:
+    """An upper bound on the bytes llama.cpp's K-quant ``type_name`` gives one tensor of an F32 file (for the disk
+    pre-flight: the file's real size is known only once llama.cpp has written it)."""
+    values = 1
+    for n in shape:
+        values *= n
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return 4 * values  # kept F32
+    if shape[-1] % 256 == 0:
+        qtype = QT.Q6_K if gguf_name.endswith(_K_MORE_BITS) else _K_MAIN[type_name]
+    elif shape[-1] % 32 == 0:
+        qtype = QT.Q8_0
+    else:
+        qtype = QT.F16
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    return -(-values // block_size) * type_size

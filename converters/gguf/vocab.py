@@ -68,6 +68,15 @@ class Vocab:
     remove_extra_whitespaces: bool | None = None
     notes: list[str] = field(default_factory=list)
 
+    def metadata_bytes(self) -> int:
+        """An upper bound on what the vocabulary adds to a GGUF header: each token (a u64 length and its bytes), its
+        type and score, each merge, the chat template(s), the special ids and flags."""
+        merges = self.special.merges or []
+        template = self.special.chat_template
+        templates = [template] if isinstance(template, str) else [t.get("template", "") for t in template or []]
+        return (sum(len(token) + 16 for token in self.tokens) + sum(len(m.encode()) + 8 for m in merges)
+                + sum(len(t.encode()) + 64 for t in templates) + 4096)
+
     def pad_to(self, n_rows: int) -> None:
         """llama.cpp needs exactly one token per embedding row: fill unused rows with unique placeholders."""
         if len(self.tokens) > n_rows:

@@ -16,6 +16,7 @@ change survives the quantization: ‖deq(Q(W+ΔW)) − deq(Q(W))‖ / ‖ΔW‖.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -66,16 +67,19 @@ def transformers_quantized_modules(folder: Path) -> dict[str, bool]:
 
 
 def estimated_bytes(ctx: Context, variant: str) -> int:
-    """An upper bound on the folder's weights: every 2-D weight counted as quantized (codes plus block scales), every
-    other tensor in the model's dtype."""
+    """An upper bound on the folder's weight files: the weights of the modules transformers quantizes as codes plus a
+    float32 scale per 64-value block (4-bit) or per row (int8) and their quantization state, every other tensor
+    (embeddings, the output head, norms, biases) in the model's dtype, and each tensor's safetensors header entry."""
     bits = VARIANTS[variant][0]
-    total = 0
+    quantized = transformers_quantized_modules(ctx.model_files)
+    total = 4096
     for t in ctx.layout.tensors:
-        numel = t.spec().nbytes // t.dtype.itemsize
-        if len(t.shape) == 2 and t.name.endswith(".weight"):
-            total += numel * bits // 8 + (numel // 64 + 1) * 4 + t.shape[0] * 4 + 4096
+        numel = math.prod(t.shape)
+        if t.name.endswith(".weight") and t.name.removesuffix(".weight") in quantized:
+            # up to six header entries (weight, absmax, quant_map, nested parts, quant_state) and the state's JSON
+            total += numel * bits // 8 + (numel // 64 + 1) * 4 + t.shape[0] * 4 + 6 * (len(t.name) + 128) + 1024
         else:
-            total += numel * ctx.out_dtype.itemsize
+            total += numel * ctx.out_dtype.itemsize + len(t.name) + 128
     return total
 
 

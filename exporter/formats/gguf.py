@@ -152,17 +152,21 @@ class GGUFFormat(Format):
         return plan
 
     def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
-        """The planned file (K-quants: the F32 file llama.cpp quantizes from, which also sits there meanwhile, and
-        the quantized file estimated at its type's bits per value) plus the vocabulary."""
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+        """The planned file: each tensor's data on the 32-byte alignment, its tensor info, the vocabulary and the other
+        metadata. K-quants: the quantized file at an upper bound of llama.cpp's mix, plus the F32 file it is made
+        from, which sits beside it meanwhile."""
+        from gguf import GGUFWriter
 
-        plan, variant = request.prepared.plan, request.variant
-        written = sum(t.nbytes for t in plan.order) + 32 * len(plan.order) + 64 * plan.embed_rows
+        from converters.gguf.types import k_quant_bytes_bound
+
+        plan, vocab = request.prepared.plan, request.prepared.vocab
+        header = sum(len(t.gguf_name) + 64 for t in plan.order) + vocab.metadata_bytes() + 64 * 1024
+        written = sum(GGUFWriter.ggml_pad(t.nbytes, 32) for t in plan.order) + header
         if plan.gguf_type is plan.written_type:
             return written, 0
-        block, size = GGML_QUANT_SIZES[QT[{"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}[variant]]]
-        values = sum(t.nbytes // 4 for t in plan.order)
-        return values * size // block + 64 * plan.embed_rows, written
+        quantized = sum(GGUFWriter.ggml_pad(k_quant_bytes_bound(t.gguf_name, t.shape, plan.type_name), 32)
+                        for t in plan.order)
+        return quantized + header, written
 
     def open_sink(self, ctx: Context, request: FormatRequest) -> GGUFSink:
         return GGUFSink(ctx, request.variant, request.prepared)

@@ -175,13 +175,16 @@ class OnnxFormat(Format):
         return writer
 
     def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
-        """Every float weight once in the graph's dtype; a tied embedding twice (the Gather reads it as stored, the
-        output head as its transpose)."""
+        """Every float weight once in the graph's dtype, a tied embedding twice (the Gather reads it as stored, the
+        output head as its transpose), each on the data file's 4 KiB alignment; and the graph file (its nodes:
+        ~25 KB a layer for the decoders traced here)."""
         itemsize = 2 if request.variant.startswith("fp16") else 4
-        values = sum(math.prod(t.shape) for t in ctx.layout.tensors if t.dtype.is_floating_point)
+        tensors = [t for t in ctx.layout.tensors if t.dtype.is_floating_point]
         if ctx.merged_config.get("tie_word_embeddings"):
-            values += sum(math.prod(t.shape) for t in ctx.layout.tensors if t.name.endswith("embed_tokens.weight"))
-        return values * itemsize, 0
+            tensors += [t for t in ctx.layout.tensors if t.name.endswith("embed_tokens.weight")]
+        data = sum(math.prod(t.shape) * itemsize + 4096 for t in tensors)
+        layers = int(ctx.merged_config.get("num_hidden_layers") or ctx.merged_config.get("n_layer") or 1)
+        return data + 64 * 1024 * (layers + 1), 0
 
     def open_sink(self, ctx: Context, request: FormatRequest) -> OnnxSink:
         return OnnxSink(ctx, request.variant, request.prepared)

@@ -137,8 +137,8 @@ class SafetensorsFormat(Format):
 
     def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
         variant = request.variant
-        if variant is None:
-            return sum(t.spec().nbytes for t in ctx.layout.tensors), 0
+        if variant is None:  # the weights, each tensor's entry in its shard's JSON header and in the shard index
+            return sum(t.spec().nbytes + 2 * len(t.name) + 192 for t in ctx.layout.tensors) + 4096, 0
         from exporter.formats.bnb import estimated_bytes
 
         size = estimated_bytes(ctx, variant)

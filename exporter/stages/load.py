@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,7 +151,7 @@ class LoadStage:
             ctx.note("no tokenizer found beside the adapter or the base: the output has none (parity uses token ids)")
 
     @staticmethod
-    def _check_disk_space(ctx: Context) -> dict[str, int]:
+    def _check_disk_space(ctx: Context) -> dict[str, Any]:
         """Every artifact's size is known from the plan: refuse now, with the figures, what would not fit, rather
         than fail on a full disk an hour into a merge (staging sits beside --out, on the same disk)."""
         sizes = [format_of(request).output_bytes(ctx, request) for request in ctx.formats]
@@ -170,7 +171,8 @@ class LoadStage:
             raise FileSystemError(str(ctx.plan.out.parent), f"the output needs {need / 1e9:.2f} GB and the disk has "
                                   f"{free / 1e9:.2f} GB free ({', '.join(map(str, ctx.formats))}).",
                                   "free space on that disk, or write somewhere else (--out).")
-        return {"needed_bytes": need, "free_bytes": free}
+        return {"needed_bytes": need, "free_bytes": free,
+                "planned_bytes": {str(request): final for request, (final, _) in zip(ctx.formats, sizes)}}
 
     @staticmethod
     def _original_base(ctx: Context) -> dict[str, str] | None:
