@@ -234,3 +234,22 @@ def test_a_format_installed_through_an_entry_point_runs_like_a_built_in_one(tiny
     lines = (tmp_path / "out" / "names.txt").read_text().splitlines()
     assert lines[0] == f"{len(lines) - 1} tensors" and "model.layers.0.self_attn.q_proj.weight" in lines
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failed_run_does_not_wait_for_the_base_hashes(tmp_path):
+    """The base shards are hashed on a background thread while the merge runs: a run that fails (or is interrupted)
+    must exit at once, not after hashing 140 GB. A shard that never yields a byte (a FIFO nobody writes) stands in for
+    a huge one: the process still exits."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "model-00001-of-00002.safetensors"
+    os.mkfifo(fifo)
+    code = ("import sys; from pathlib import Path; from exporter.stages.load import _BackgroundHashes; "
+            f"_BackgroundHashes([Path({str(fifo)!r})]); sys.exit(0)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        pytest.fail("the process waited for the background hashing thread")
+    assert done.returncode == 0, done.stderr

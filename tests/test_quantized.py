@@ -256,6 +256,25 @@ def test_an_original_that_does_not_match_is_refused(qlora, tmp_path):
     assert lonely.exit_code == 2 and "--original-base" in lonely.output
 
 
+def test_an_original_missing_a_tensor_or_of_another_shape_is_refused_naming_exactly_those(qlora, tmp_path):
+    """The load stage's name-and-shape check of --original-base, before the dequantize stage compares values."""
+    float_dir, quantized, adapter = qlora["nf4-dq"]
+    other = Path(shutil.copytree(float_dir, tmp_path / "other"))
+    tensors = load_file(other / "model.safetensors")
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    result = cli("--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--original-base", str(other), "--merge-into", "original")
+    assert result.exit_code == 2, result.output
+    error = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "'model.layers.0.mlp.down_proj.weight' is missing" in error
+    width = tensors["model.norm.weight"].shape[0] + 1
+    assert f"'model.norm.weight' is ({width - 1},), the quantized base's ({width},)" in error
+    assert error.count("'model.") == 2, error  # exactly those two, no tensor that matches
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method, name", [("awq", "AWQ"), ("fp8", "FP8"), ("hqq", "HQQ"), ("torchao", "torchao"),
                                           ("compressed-tensors", "compressed-tensors")])
 def test_other_quantization_methods_are_named_in_the_refusal(qlora, tmp_path, method, name):
