@@ -1,11 +1,11 @@
-"""A small Hugging Face Hub-protocol HTTP server for tests (stdlib only), accepted by huggingface_hub 2.4.0's own client.
+"""A small Hugging Face Hub-protocol HTTP server for tests (stdlib only) that huggingface_hub 2.4.0's client accepts.
 
-Start it with ``HubServer(root)`` (or ``with HubServer(root) as hub:``): it listens on 127.0.0.1 on a free port in a daemon
+Start it with ``HubServer(root)`` (or ``with HubServer(root) as hub:``): it listens on 127.0.0.1, free port, in a daemon
 thread; ``hub.endpoint`` is the URL to give ``HfApi(endpoint=...)`` / ``snapshot_download(endpoint=...)``. Model repos
 only. Everything is stored as plain files under ``root``::
 
     root/repos/<ns>/<name>/repo.json        {"private", "gated", "refs": {"main": sha, "b": sha, "refs/pr/1": sha}, ...}
-    root/repos/<ns>/<name>/commits/<sha>.json  {"oid", "parent", "message", "description", "date", "files": {path: entry}}
+    root/repos/<ns>/<name>/commits/<sha>.json  {"oid", "parent", "message", "description", "date", "files"}
     root/lfs/<sha256>                       LFS objects (content addressed, shared by every repo)
     root/blobs/<git blob sha1>              regular (non-LFS) file contents
 
@@ -13,10 +13,11 @@ A file entry is ``{"size", "sha256", "oid" (git blob id; for an LFS file the id 
 (path relative to root)}``. Every commit gets a fresh 40-hex sha; each branch / ``refs/pr/N`` ref points at its head
 commit and the history is the ``parent`` chain.
 
-Endpoints (what huggingface_hub 2.4.0 calls; ``{repo}`` is ``<namespace>/<name>``, ``{rev}`` a branch, ``refs/pr/N`` or a
-commit sha, URL-quoted into one path segment as the client does):
+Endpoints (what huggingface_hub 2.4.0 calls; ``{repo}`` is ``<namespace>/<name>``, ``{rev}`` a branch, ``refs/pr/N`` or
+a commit sha, URL-quoted into one path segment as the client does):
 
     GET  /api/whoami-v2                                 whoami (401 without a Bearer token)
+    GET  /api/agent-harnesses                           always 404 (the client's once-per-process user-agent lookup)
     POST /api/validate-yaml                             README.md metadata check (always valid)
     POST /api/repos/create                              create_repo (409 when it exists: the client's exist_ok)
     POST /api/repos/delete                              delete_repo
@@ -51,8 +52,10 @@ are random-ish rather than git object ids, what is LFS is decided by name (``*.s
 ``*.bin``, ...), size (``lfs_threshold``, 10 MiB) or a NUL byte in the first 512 bytes, not by .gitattributes.
 
 Test hooks: ``requests`` (list of (method, path)), ``lfs_uploads`` (oids whose PUT was stored),
-``fail_lfs_uploads_after(n, mode=500 | "drop" | <status>)`` (every LFS PUT after the n-th stored one fails: 500, or the
-connection is dropped without an answer; persistent, so the client's retries fail too; ``clear_faults()`` ends it),
+``lfs_failed`` (oids of PUTs answered by an injected fault), ``fail_lfs_uploads_after(n, mode=500 | "drop" | <status>)``
+(the next n LFS PUTs go through, every later one fails: a 500, or the connection closed without an answer; persistent,
+so the client's retries fail too, until ``clear_faults()``; huggingface_hub retries a PUT 5 times with 1-8 s sleeps, so
+tests patch ``huggingface_hub.utils._http.time`` to skip them), ``reset_log()``,
 ``gate(repo_id)``, ``add_repo_from_folder(repo_id, folder, branch="main")``, ``files(repo_id, revision)``,
 ``read(repo_id, path, revision)``, ``head(repo_id, ref)``, ``history(repo_id, revision)``, ``refs(repo_id)``.
 """
@@ -65,14 +68,16 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_PATTERNS = ("*.safetensors", "*.gguf", "*.onnx", "*.onnx_data", "*.onnx.data", "*.bin", "*.pt", "*.pth", "*.ckpt",
+LFS_PATTERNS = ("*.safetensors", "*.gguf", "*.onnx*", "*.bin", "*.pt", "*.pth", "*.ckpt",
                 "*.h5", "*.msgpack", "*.npy", "*.npz", "*.pkl", "*.model", "*.zip", "*.tar", "*.tar.gz", "*.tgz",
                 "*.gz", "*.7z", "*.parquet", "*.arrow")
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
@@ -102,9 +107,11 @@ class FileEntry:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, code: str | None, message: str, headers: dict | None = None):
+    def __init__(self, status: int, code: str | None, message: str, headers: dict | None = None,
+                 body: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.body = {"error": message, **(body or {})}
 
 
 def _repo_not_found():
@@ -112,7 +119,8 @@ def _repo_not_found():
 
 
 class HubServer:
-    """The server and its store. ``HubServer(root)`` starts serving at once; ``stop()`` (or leaving ``with``) ends it."""
+    """The server and its store. ``HubServer(root)`` starts serving at once; ``stop()`` (or leaving ``with``) ends
+    it."""
 
     def __init__(self, root: Path | str, *, username: str = "user", lfs_threshold: int = 10 * 1024 * 1024):
         self.root = Path(root)
@@ -123,9 +131,11 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.lfs_uploads: list[str] = []
         self.lfs_failed: list[str] = []     # oids of PUTs answered by an injected fault (retries included)
-        self._fail_after: int | None = None
+        self.errors: list[str] = []         # tracebacks of requests HubServer itself failed on (answered 500)
+        self._fail_budget: int | None = None   # LFS PUTs still let through before the injected failures
         self._fail_mode: int | str = 500
         self._lock = threading.RLock()
+        self._connections: set = set()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
@@ -136,10 +146,18 @@ class HubServer:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Stop serving and end the keep-alive connections the client pools, so no handler thread lingers."""
         if self._thread.is_alive():
             self._httpd.shutdown()
             self._thread.join(timeout=5)
         self._httpd.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "HubServer":
         return self
@@ -152,11 +170,11 @@ class HubServer:
         """Store the next ``n`` LFS PUTs, then fail every later one (``500``/any status, or ``"drop"``: close the
         connection without an answer) until ``clear_faults()``."""
         with self._lock:
-            self._fail_after, self._fail_mode = len(self.lfs_uploads) + n, mode
+            self._fail_budget, self._fail_mode = n, mode
 
     def clear_faults(self) -> None:
         with self._lock:
-            self._fail_after = None
+            self._fail_budget = None
 
     def reset_log(self) -> None:
         with self._lock:
@@ -232,7 +250,7 @@ class HubServer:
         seed = f"{repo_id}\n{parent}\n{message}\n{time.time_ns()}\n{os.urandom(8).hex()}"
         sha = hashlib.sha1(seed.encode()).hexdigest()
         record = {"oid": sha, "parent": parent, "message": message, "description": description, "date": _now(),
-                  "files": {p: (e.__dict__ if isinstance(e, FileEntry) else e) for p, e in sorted(files.items())}}
+                  "files": {p: (asdict(e) if isinstance(e, FileEntry) else e) for p, e in sorted(files.items())}}
         folder = self._repo_dir(repo_id) / "commits"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{sha}.json").write_text(json.dumps(record, indent=1))
@@ -245,8 +263,9 @@ class HubServer:
             if (folder / "repo.json").is_file():
                 if exist_ok:
                     return self.head(repo_id)
+                # the client's exist_ok reads "url" from this 409 answer, as the Hub sends it
                 raise HubError(409, None, "You already created this model repo",
-                               {"X-Error-Message": "You already created this model repo"})
+                               body={"url": f"{self.endpoint}/{repo_id}"})
             folder.mkdir(parents=True, exist_ok=True)
             entry = self._store_blob(GITATTRIBUTES, lfs=False)
             sha = self._new_commit(repo_id, None, {".gitattributes": entry}, "initial commit")
@@ -525,12 +544,30 @@ def _make_handler(server: HubServer):
         def log_message(self, *args):  # quiet
             pass
 
+        def setup(self):
+            super().setup()
+            with server._lock:
+                server._connections.add(self.connection)
+
+        def finish(self):
+            try:
+                super().finish()
+            finally:
+                with server._lock:
+                    server._connections.discard(self.connection)
+
         # -- plumbing --
         def _token(self) -> str | None:
             auth = self.headers.get("Authorization") or ""
-            return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+            if not auth.lower().startswith("bearer "):
+                return None
+            return auth[7:].strip() or None
 
         def _body(self) -> bytes:
+            """The request body (read once, in ``_dispatch``, so an early error answer leaves the connection clean)."""
+            return self._raw_body
+
+        def _read_body(self) -> bytes:
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                 chunks = []
                 while True:
@@ -555,7 +592,7 @@ def _make_handler(server: HubServer):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body) if length is None else length))
             self.end_headers()
-            if not head_only and body:
+            if not head_only and self.command != "HEAD" and body:
                 self.wfile.write(body)
 
         def _send_json(self, status: int, obj, headers: dict | None = None):
@@ -567,17 +604,21 @@ def _make_handler(server: HubServer):
                 server.requests.append((method, unquote(split.path)))
             query = {k: v[-1] for k, v in parse_qs(split.query).items()}
             segs = [unquote(s) for s in split.path.split("/")[1:]]
+            self._raw_body = b"" if method in ("GET", "HEAD") else self._read_body()
             try:
                 self._route(method, segs, query)
             except HubError as err:
                 headers = {"X-Error-Message": err.message, **err.headers}
                 if err.code:
                     headers["X-Error-Code"] = err.code
-                self._send_json(err.status, {"error": err.message}, headers)
+                self._send_json(err.status, err.body, headers)
             except (KeyError, ValueError, TypeError) as err:
                 self._send_json(400, {"error": f"Bad request: {err!r}"}, {"X-Error-Message": "Bad request"})
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
+            except Exception as err:  # a HubServer bug: answer 500 (the client retries it) and keep it for the test
+                server.errors.append(f"{method} {self.path}: {traceback.format_exc()}")
+                self._send_json(500, {"error": repr(err)}, {"X-Error-Message": f"HubServer error: {err!r}"})
 
         def do_GET(self):
             self._dispatch("GET")
@@ -606,6 +647,10 @@ def _make_handler(server: HubServer):
                                                  "fullname": server.username, "orgs": [],
                                                  "auth": {"type": "access_token",
                                                           "accessToken": {"displayName": "test", "role": "write"}}})
+                if method == "GET" and segs[1:] == ["agent-harnesses"]:
+                    # huggingface_hub fetches this registry from constants.ENDPOINT once per process (user-agent
+                    # detection) and caches a success under HF_HOME: a 404 makes it use an empty one, writing nothing
+                    raise HubError(404, None, "No agent-harnesses registry on HubServer")
                 if method == "POST" and segs[1:] == ["validate-yaml"]:
                     self._body()
                     return self._send_json(200, {"errors": [], "warnings": []})
@@ -645,10 +690,12 @@ def _make_handler(server: HubServer):
                 oid = segs[2]
                 if method == "PUT" and segs[1] == "upload":
                     data = self._body()
-                    with server._lock:
-                        failing = server._fail_after is not None and len(server.lfs_uploads) >= server._fail_after
+                    with server._lock:     # admit-or-fail atomically: concurrent PUTs cannot both take the last slot
+                        failing = server._fail_budget is not None and server._fail_budget <= 0
                         if failing:
                             server.lfs_failed.append(oid)
+                        elif server._fail_budget is not None:
+                            server._fail_budget -= 1
                     if failing:
                         if server._fail_mode == "drop":
                             self.close_connection = True
@@ -705,7 +752,3 @@ def _make_handler(server: HubServer):
                     left -= len(chunk)
 
     return Handler
-
-
-def repo_url(endpoint: str, repo_id: str) -> str:
-    return f"{endpoint}/{quote(repo_id)}"

@@ -11,14 +11,23 @@ GitPython): /api/models/<repo>/revision/<rev> (repo info, siblings), /api/models
 /<repo>/resolve/<rev>/<file>. Files are committed as plain git blobs by default (etag: the blob's git sha1, as the
 Hub gives for non-LFS files); ``lfs=[patterns]`` stores matching files as git-lfs pointers with the object under
 .git/lfs/objects, which olah serves with a sha256 etag (as the Hub does for LFS files).
+
+Where olah 0.5.4 (offline, mirrors only) answers otherwise than huggingface.co (tests/test_olah_mirror.py pins these):
+- a branch/tag it cannot resolve: 401 RepoNotFound (Hub: 404 RevisionNotFound), so RepositoryNotFoundError;
+- an unknown full commit sha: the tree listing answers 404 EntryNotFound, so snapshot_download raises
+  LocalEntryNotFoundError; /api/models/<repo>/revision/<unknown sha> itself answers 500;
+- a missing file at /resolve/: 401 RepoNotFound (Hub: 404 EntryNotFound);
+- /api/models/<repo> with no revision (HfApi.model_info without revision=): 401 RepoNotFound, even for a mirror;
+- no gated or private repositories, no uploads (it is a read-only mirror), Range requests answered 200 in full,
+  list_repo_commits fails in the client (olah's commit entries lack "user").
 """
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,17 +41,23 @@ OLAH_VENV = ROOT / ".venv-olah"
 OLAH_CLI = OLAH_VENV / "bin" / "olah-cli"
 OLAH_SETUP = ROOT / "scripts" / "olah_venv.sh"
 
-# Committer and date fixed, config files ignored: the same folders give the same commits on every machine.
+# Committer fixed, dates counted up from a fixed one, git config files ignored: the same folders added in the same
+# order give the same commits on every machine.
 _GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "olah-mirror",
             "GIT_AUTHOR_EMAIL": "olah-mirror@localhost", "GIT_COMMITTER_NAME": "olah-mirror",
             "GIT_COMMITTER_EMAIL": "olah-mirror@localhost"}
 
 
 def ensure_olah_venv() -> Path:
-    """Build .venv-olah when it is missing (scripts/olah_venv.sh: a no-op once done); olah-cli's path."""
-    if not OLAH_CLI.exists() or not list(OLAH_VENV.glob(".installed-olah-*")):
-        subprocess.run(["bash", str(OLAH_SETUP)], check=True)
+    """Build .venv-olah unless it is complete (scripts/olah_venv.sh: about 15 s the first time, a few milliseconds
+    and silent once its stamp is there); olah-cli's path."""
+    result = subprocess.run(["bash", str(OLAH_SETUP)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/olah_venv.sh failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return OLAH_CLI
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _free_port() -> int:
@@ -183,6 +198,7 @@ offline = true
                                             cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
             self.port = port
+            atexit.register(self.stop)  # no olah left running should the test process end without the teardown
             if self._wait_until_up():
                 return self
             self.stop()
@@ -193,10 +209,13 @@ offline = true
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
+            # Any HTTP answer means it is up (olah's "/" page fails with its pinned starlette; a repo that does not
+            # exist answers 401 RepoNotFound).
             try:
-                with urllib.request.urlopen(self.endpoint + "/", timeout=2) as response:
-                    if response.status == 200:
-                        return True
+                with _NO_PROXY.open(self.endpoint + "/api/models/olah-mirror/probe/revision/main", timeout=2):
+                    return True
+            except urllib.error.HTTPError:
+                return True
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
@@ -214,6 +233,7 @@ offline = true
                 pass
         if self.process is not None:
             self.log.close()
+            atexit.unregister(self.stop)
         self.process = None
         self.port = None
 
