@@ -227,3 +227,28 @@ def test_downloads_from_an_olah_mirror_then_offline_from_the_cache(parts, tmp_pa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     missing = cli("--base", "org/base", "--adapter", "org/lora", "--out", str(tmp_path / "never"))
     assert missing.exit_code == 2 and "offline mode is on" in missing.output, missing.output
+
+
+def test_push_to_a_branch_or_as_a_pull_request_leaves_main_alone(hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    first = cli("--base", "org/base", "--adapter", "org/lora", "--to", "safetensors", "--push-to", "me/model",
+                "--private", "--revision", "dev", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    main_files = set(hub.files("me/model", "main"))
+    assert "model.safetensors" in hub.files("me/model", "dev") and "model.safetensors" not in main_files
+    assert hub._meta("me/model")["private"] is True
+    pushed = json.loads((out / "published.json").read_text())[0]
+    assert pushed["commit"] == hub.head("me/model", "dev")
+
+    again = cli("--base", "org/base", "--adapter", "org/lora", "--to", "safetensors", "--push-to", "me/model",
+                "--create-pr", "--out", str(out))
+    assert again.exit_code == 0, again.output
+    pr = json.loads((out / "published.json").read_text())[0]
+    assert pr["pr_url"] and set(hub.files("me/model", "main")) == main_files  # main untouched
+    assert hub.files("me/model", "refs/pr/1")["model.safetensors"] == hub.files("me/model", "dev")["model.safetensors"]
+    # the card the PR carries is one huggingface_hub reads, and it names the adapter and the base commit
+    card = ModelCard(hub.read("me/model", "README.md", "refs/pr/1").decode())
+    card.validate()  # huggingface_hub's own validation (its POST /api/validate-yaml reaches this server)
+    assert card.data.to_dict()["base_model"] == "org/base" and "org/lora" in card.text
