@@ -115,7 +115,29 @@ def test_hub_ids_in_and_every_format_pushed_round_trip(hub, parts, tmp_path):
     back = Path(snapshot_download("me/model", cache_dir=tmp_path / "back"))
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     assert torch.equal(model_logits(back, ids), model_logits(out, ids))
-    assert (back / "model-Q4_K_M.gguf").exists() is False
+    assert not (back / "model-Q4_K_M.gguf").exists()  # the GGUF is in its own repository
+    gguf_back = Path(snapshot_download("me/model-GGUF", allow_patterns=["*Q4_K_M.gguf"], cache_dir=tmp_path / "back"))
+    assert [p.name for p in gguf_back.iterdir()] == ["model-Q4_K_M.gguf"]
+    assert (gguf_back / "model-Q4_K_M.gguf").read_bytes() == (out / "model-Q4_K_M.gguf").read_bytes()
+
+    # The ONNX card's own snippet, run: the downloaded folder generates in onnxruntime-genai what the local one does.
+    import onnxruntime_genai as og
+
+    snippet = ModelCard(hub.read("me/model-ONNX", "README.md").decode()).text.split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(snippet.replace('snapshot_download("me/model-ONNX"',
+                         f'snapshot_download("me/model-ONNX", cache_dir={str(tmp_path / "back")!r}'), scope)
+
+    def greedy(model) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=14)
+        generator = og.Generator(model, params)
+        generator.append_tokens(list(range(3, 11)))
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0))
+
+    assert greedy(scope["model"]) == greedy(og.Model(str(out / "onnx")))
 
 
 def test_a_parity_failure_pushes_nothing(hub, tmp_path, monkeypatch):
@@ -252,3 +274,18 @@ def test_push_to_a_branch_or_as_a_pull_request_leaves_main_alone(hub, tmp_path):
     card = ModelCard(hub.read("me/model", "README.md", "refs/pr/1").decode())
     card.validate()  # huggingface_hub's own validation (its POST /api/validate-yaml reaches this server)
     assert card.data.to_dict()["base_model"] == "org/base" and "org/lora" in card.text
+
+
+def test_a_push_without_a_token_that_can_write_is_one_line_and_keeps_the_output(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub.require_token = True
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    out = tmp_path / "out"
+    result = cli("--base", "org/base", "--adapter", "org/lora", "--to", "safetensors", "--parity", "off",
+                 "--push-to", "me/model", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the token is missing or invalid" in errors[0] and "HF_TOKEN" in errors[0], errors
+    assert (out / "report.json").is_file() and not (out / "published.json").exists()
