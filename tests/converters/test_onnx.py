@@ -404,3 +404,20 @@ def test_constants_do_not_depend_on_the_configs_dtype(arch):
             near = [float(v.reshape(-1)[0]) for v in got.values()
                     if v.size == 1 and v.dtype.kind == "f" and abs(float(v.reshape(-1)[0]) - 48**0.5) < 0.05]
             assert near and all(value == float(np.float32(48**0.5)) for value in near), near
+
+
+@pytest.mark.parametrize("perm", [[0, 2, 1], [2, 0, 1], None])
+def test_a_folded_transpose_follows_its_perm_or_reverses_without_one(perm):
+    """The torch fast path for Transpose chains against numpy's transpose (which, like ONNX, reverses without perm)."""
+    from onnx import helper
+
+    from converters.onnx.weights import Fold
+
+    weight = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    attrs = {} if perm is None else {"perm": perm}
+    nodes = [helper.make_node("Transpose", ["w"], ["w.t"], **attrs), helper.make_node("Identity", ["w.t"], ["w.t2"])]
+    fold = Fold("w", ["w.t2"], nodes)
+    [(name, array)] = fold.apply(weight, onnx.ModelProto())
+    assert name == "w.t2"
+    np.testing.assert_array_equal(array, np.transpose(weight.numpy(), perm))
+    assert array.flags["C_CONTIGUOUS"]
