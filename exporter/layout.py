@@ -18,7 +18,7 @@ from converters.safetensors_format import DTYPE_NAMES
 from converters.safetensors_out import TensorSpec
 from exporter.adapter import Adapter, LoraModule
 from exporter.base import BaseModel
-from exporter.errors import MismatchError
+from exporter.errors import InputError, MismatchError
 
 log = logging.getLogger("lora_export")
 
@@ -310,3 +310,23 @@ def build_layout(base: BaseModel, adapter: Adapter, out_dtype: torch.dtype) -> M
     input_weight = facts.input_weight
     base_vocab = base.info(input_weight).shape[0] if input_weight and base.has(input_weight) else None
     return MergeLayout(tensors, updates, notes, base_vocab)
+
+
+def refuse_quantized_conv1d(base: BaseModel) -> None:
+    """bitsandbytes stores a Conv1D weight (GPT-2) transposed to (out, in), unlike its float checkpoint (in, out);
+    presenting it in the float layout is not built, so such a base is refused here, before the adapter is matched
+    against its shapes (which would blame the adapter), rather than merged wrongly."""
+    if base.quantization is None or base.config.get("model_type") in LINEAR_ARCHITECTURES:
+        return  # all nn.Linear (checked against transformers by tests/test_layout.py): no need to build it
+    from transformers import CONFIG_MAPPING
+
+    if base.config.get("model_type") not in CONFIG_MAPPING:
+        raise InputError(str(base.path / "config.json"), "is a quantized model of an architecture transformers "
+                         "does not build, so its quantized layers cannot be told apart.",
+                         "merge into the unquantized base model the adapter was trained from.")
+    from exporter.parity.layerwise import skeleton
+
+    if any(type(m).__name__ == "Conv1D" for m in skeleton(base.path).modules()):
+        raise InputError(str(base.path / "config.json"), "is a quantized model with Conv1D layers (GPT-2 style), "
+                         "which lora-export cannot dequantize yet.",
+                         "merge into the unquantized base model the adapter was trained from.")

@@ -456,3 +456,29 @@ def test_the_pipeline_quantizes_on_the_runs_device(bf16_lora, tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert len(devices) >= 14 and {torch.device(d) if d is not None else None for d in devices} == {
         torch.device("cpu")}
+
+
+def test_quantized_bases_whose_layers_cannot_be_told_apart_are_refused(qlora, tmp_path):
+    """A bitsandbytes GPT-2 (Conv1D layers, stored transposed by bitsandbytes) and a quantized base of an architecture
+    transformers does not build are refused by the dequantize stage with one error, nothing written."""
+    from conftest import build_peft_adapter, build_tiny_base
+    from exporter.demo import build_tokenizer
+
+    float_gpt2 = build_tiny_base(tmp_path / "gpt2", "gpt2", dtype=torch.bfloat16)
+    build_tokenizer(float_gpt2, vocab_size=128)
+    quantized = quantize_with_transformers(float_gpt2, tmp_path / "gpt2-nf4", load_in_4bit=True,
+                                           bnb_4bit_quant_type="nf4")
+    adapter = build_peft_adapter(tmp_path / "gpt2-lora", float_gpt2, r=4, lora_alpha=8, target_modules=["c_attn"],
+                                 fan_in_fan_out=True)
+    result = cli("--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "Conv1D layers" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+    _, llama_nf4, llama_adapter = qlora["nf4-dq"]
+    mystery = Path(shutil.copytree(llama_nf4, tmp_path / "mystery"))
+    config = json.loads((mystery / "config.json").read_text())
+    (mystery / "config.json").write_text(json.dumps(config | {"model_type": "mystery-llama"}))
+    result = cli("--base", str(mystery), "--adapter", str(llama_adapter), "--out", str(tmp_path / "out"),
+                 "--parity", "off")  # parity on: refused for that too (parity runs the reference in transformers)
+    assert result.exit_code == 2 and "an architecture transformers does not build" in result.output, result.output
+    assert not (tmp_path / "out").exists()

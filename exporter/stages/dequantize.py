@@ -32,7 +32,6 @@ class DequantizeStage:
             return
         from converters.bnb import BnbFormatError, validate
 
-        self._refuse_conv1d(ctx)
         kinds: Counter = Counter()
         for tensor in base.tensors.values():
             entry = tensor.quantized
@@ -64,27 +63,6 @@ class DequantizeStage:
         log.info("base is bitsandbytes %s: %s quantized tensors dequantized on the fly (%s), %d float",
                  described, sum(kinds.values()), ", ".join(f"{n} {k}" for k, n in kinds.items()),
                  ctx.dequantized["float_tensors"])
-
-    @staticmethod
-    def _refuse_conv1d(ctx: Context) -> None:
-        """bitsandbytes stores a Conv1D weight (GPT-2) transposed to (out, in), unlike its float checkpoint (in, out);
-        presenting it in the float layout is not built, so such a base is refused rather than merged wrongly."""
-        from exporter.layout import LINEAR_ARCHITECTURES
-
-        if ctx.base.config.get("model_type") in LINEAR_ARCHITECTURES:
-            return  # all nn.Linear (checked against transformers by tests/test_layout.py): no need to build it
-        from transformers import CONFIG_MAPPING
-
-        if ctx.base.config.get("model_type") not in CONFIG_MAPPING:
-            raise InputError(str(ctx.base.path / "config.json"), "is a quantized model of an architecture transformers "
-                             "does not build, so its quantized layers cannot be told apart.",
-                             "merge into the unquantized base model the adapter was trained from.")
-        from exporter.parity.layerwise import skeleton
-
-        if any(type(m).__name__ == "Conv1D" for m in skeleton(ctx.base.path).modules()):
-            raise InputError(str(ctx.base.path / "config.json"), "is a quantized model with Conv1D layers (GPT-2 "
-                             "style), which lora-export cannot dequantize yet.",
-                             "merge into the unquantized base model the adapter was trained from.")
 
     @staticmethod
     def _check_original(ctx: Context) -> None:

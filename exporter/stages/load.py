@@ -16,7 +16,7 @@ from exporter.context import Context, InputFacts
 from exporter.errors import ExportError, FileSystemError, InputError, MismatchError, StageCheckError
 from exporter.formats import format_of, parse_formats
 from exporter.hub import HUB_FILE_LIMIT, card_metadata, fetch_adapter, fetch_base, parse_hub_ref, sha256_file
-from exporter.layout import Source, build_layout
+from exporter.layout import Source, build_layout, refuse_quantized_conv1d
 from exporter.model_files import MODEL_FILES_DIR, merged_config, tokenizer_source, write_model_files
 from exporter.schemas import check_tokenizer_config, tokenizer_json_ids
 
@@ -77,6 +77,7 @@ class LoadStage:
         ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
         base_dir, base_hub = fetch_base(self._base_spec(ctx), plan.progress)
         ctx.base = load_base(base_dir)
+        refuse_quantized_conv1d(ctx.base)
         ctx.device = choose_device(plan.device)
         ctx.out_dtype = choose_dtype(plan.dtype, ctx.base)
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
