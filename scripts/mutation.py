@@ -78,6 +78,8 @@ TARGETS: dict[str, list[str]] = {
     "converters/onnx/writer.py": ["tests/converters/test_onnx.py", "tests/test_onnx_export.py"],
     # 47 mutants; 8 s (onnxruntime-genai generating, and the refused type)
     "converters/onnx/genai.py": ["tests/converters/test_onnx.py::test_genai_config_needs_a_known_type",
+                                 "tests/converters/test_onnx.py::test_genai_head_size_is_the_configs_head_dim_or_an_"
+                                 "integer_share_of_the_width",
                                  "tests/converters/test_onnx.py::test_genai_generates_what_transformers_generates",
                                  "tests/test_onnx_export.py::test_onnxruntime_genai_generates_what_transformers_"
                                  "generates"],

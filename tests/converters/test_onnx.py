@@ -421,3 +421,30 @@ def test_a_folded_transpose_follows_its_perm_or_reverses_without_one(perm):
     assert name == "w.t2"
     np.testing.assert_array_equal(array, np.transpose(weight.numpy(), perm))
     assert array.flags["C_CONTIGUOUS"]
+
+
+def test_genai_head_size_is_the_configs_head_dim_or_an_integer_share_of_the_width():
+    """onnxruntime-genai's builder writes head_size as an integer; without head_dim in config.json it is
+    hidden_size / num_attention_heads (a float 8.0 in genai_config.json is not what genai's schema holds)."""
+    from converters.onnx.genai import genai_config
+
+    common = dict(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, eos_token_id=1,
+                  vocab_size=128, max_position_embeddings=64)
+    plain = genai_config(dict(model_type="llama", hidden_size=32, **common))["model"]["decoder"]
+    assert plain["head_size"] == 8 and type(plain["head_size"]) is int
+    gemma = genai_config(dict(model_type="gemma3_text", hidden_size=32, head_dim=16, **common))["model"]["decoder"]
+    assert gemma["head_size"] == 16
+
+
+def test_many_missing_weights_are_named_five_then_counted(tmp_path):
+    config = dict(model_type="llama", **TINY)
+    writer = OnnxWriter(tmp_path / "out", config)
+    names = writer.wanted()
+    for name in names[:-7]:
+        writer.write(name, torch.zeros(writer.expected_shape(name), dtype=torch.bfloat16))
+    with pytest.raises(OnnxExportError) as failure:
+        writer.close()
+    missing = names[-7:]
+    assert str(failure.value) == (f"7 weights the ONNX graph needs were never written: {', '.join(missing[:5])} "
+                                  "and 2 more")
+    writer.abort()
