@@ -241,8 +241,14 @@ def test_a_broken_quantized_base_is_refused(qlora, tmp_path, kind):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_original_that_does_not_match_is_refused(qlora, tmp_path):
-    float_dir, quantized, adapter = qlora["nf4-dq"]
+@pytest.mark.parametrize("kind", sorted(QUANTIZATIONS))
+def test_an_original_that_does_not_match_is_refused(qlora, tmp_path, kind):
+    """Every quantized weight of --original-base re-quantized as the base was (4-bit: its quant state; int8: row
+    scales) gives the stored codes: the true original passes, one weight nudged is named."""
+    float_dir, quantized, adapter = qlora[kind]
+    accepted = cli("--base", str(quantized), "--adapter", str(adapter), "--out", str(tmp_path / "ok"),
+                   "--original-base", str(float_dir), "--merge-into", "original", "--parity", "off")
+    assert accepted.exit_code == 0, accepted.output
     other = Path(shutil.copytree(float_dir, tmp_path / "other"))
     tensors = load_file(other / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"] += 0.01
