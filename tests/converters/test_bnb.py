@@ -209,6 +209,8 @@ SYNTHETIC = [  # shape, blocksize, quant type, dtype, double quant, quant storag
     ((2, 4096), 4096, "fp4", BF16, True, torch.float64),
     ((16, 8), 256, "nf4", BF16, False, torch.float32),
     ((6, 10), 32, "fp4", BF16, False, torch.uint8),  # rows of 10: bitsandbytes' scalar CPU kernel, FP4 zero is -0.0
+    # 264,195 values: two of the decoder's 2^18-value chunks, the second odd-sized and ending in a short block
+    ((515, 513), 64, "nf4", BF16, True, torch.uint8),
 ]
 
 
@@ -334,9 +336,14 @@ def test_int8_errors_name_the_key():
     with pytest.raises(BnbFormatError, match="needs 4") as e:
         dequantize_int8(codes, torch.ones(3), name="m.weight")
     assert e.value.key == "m.SCB"
-    with pytest.raises(BnbFormatError, match="col32") as e:
-        dequantize_int8(codes, torch.ones(4), torch.tensor(1, dtype=torch.uint8), name="m.weight")
-    assert e.value.key == "m.weight_format"
+    from bitsandbytes.utils import LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING as LAYOUTS  # each layout it stores, by name
+
+    others = [(code, name) for name, code in LAYOUTS.items() if name != "row"]
+    assert len(others) == 3
+    for code, name in [*others, (7, "unknown")]:
+        with pytest.raises(BnbFormatError, match=rf"is {code} \({name}\)") as e:
+            dequantize_int8(codes, torch.ones(4), torch.tensor(code, dtype=torch.uint8), name="m.weight")
+        assert e.value.key == "m.weight_format"
 
 
 @pytest.mark.parametrize("config,words", [
