@@ -213,3 +213,24 @@ def test_llama3_frequency_scaling_is_the_rope_freqs_tensor_transformers_implies(
     # The model's name: the config's _name_or_path, else the folder's name.
     name = reader.fields["general.name"]
     assert bytes(name.parts[name.data[0]]).decode() == "llama3"
+
+
+def test_llama3_rope_without_an_original_context_takes_llama_cpps_8192():
+    """A rope config without original_max_position_embeddings: llama.cpp's converter (convert_hf_to_gguf.py) reads it
+    as 8192, which transformers' llama3 rope then computes the frequencies of."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from converters.gguf.arch import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=rope | {
+        "original_max_position_embeddings": 8192})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    unscaled = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    hp = config.to_dict()
+    hp["rope_parameters"] = dict(rope)  # the key absent
+    hp.pop("rope_scaling", None)
+    np.testing.assert_allclose(llama3_rope_factors(hp).double().numpy(), (unscaled / scaled.double()).numpy(),
+                               rtol=1e-6)
