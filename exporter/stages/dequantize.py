@@ -89,7 +89,7 @@ class DequantizeStage:
                 compared = (entry.keys["weight"], entry.keys["absmax"])
             else:
                 ours = quantize_int8(module, weight, model_dtype=original.info(tensor.name).torch_dtype,
-                                     conv1d=False)  # quantized Conv1D bases are refused above
+                                     conv1d=False)  # the load stage refuses quantized Conv1D bases (exporter/layout.py)
                 compared = (entry.keys["weight"], entry.keys["SCB"])
             original.release(tensor.name)
             for key in compared:
