@@ -124,3 +124,17 @@ def test_fingerprint_text_encodes_like_transformers(tmp_path, family, special):
     build_tokenizer(tmp_path, vocab_size=200, family=family)
     expected = AutoTokenizer.from_pretrained(tmp_path)(CHECK_TEXT, add_special_tokens=special)["input_ids"]
     assert file_encoder(tmp_path).encode(CHECK_TEXT, special) == expected
+
+
+def test_padding_rows_are_what_llama_cpps_converter_writes():
+    """convert_hf_to_gguf.py fills embedding rows the tokenizer lacks with "[PAD<id>]", type UNUSED and, in a scored
+    (SentencePiece) vocabulary, score -1000.0: tokens no text ever produces."""
+    from gguf.constants import TokenType
+
+    from converters.gguf.vocab import Vocab
+
+    vocab = Vocab(model="llama", pre="default", tokens=[b"<unk>", b"a"], types=[TokenType.UNKNOWN, TokenType.NORMAL],
+                  scores=[0.0, -1.5], special=None)
+    vocab.pad_to(4)
+    assert vocab.tokens == [b"<unk>", b"a", b"[PAD2]", b"[PAD3]"]
+    assert vocab.types[2:] == [TokenType.UNUSED] * 2 and vocab.scores == [0.0, -1.5, -1000.0, -1000.0]
