@@ -296,7 +296,8 @@ def copy_project(dest: Path) -> None:
             shutil.copy2(ROOT / rel, dest / rel)
 
 
-def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    """(killed | survived | timeout, seconds, the end of pytest's output)"""
     # No bytecode caches: a mutant of the same length written within the second of the last run would otherwise be
     # served from the stale .pyc (its check is source mtime + size) and "survive" untested.
     env = {**os.environ, "PYTHONPATH": str(workdir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -310,8 +311,8 @@ def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, flo
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
                                *tests], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - start
-    return ("survived" if proc.returncode == 0 else "killed"), time.perf_counter() - start
+        return "timeout", time.perf_counter() - start, ""
+    return ("survived" if proc.returncode == 0 else "killed"), time.perf_counter() - start, proc.stdout[-3000:]
 
 
 def main() -> None:
@@ -341,9 +342,9 @@ def main() -> None:
             free.put(copy_dir)
         for module in args.modules:
             tests = TARGETS[module]
-            status, baseline = run_tests(copies[0], tests, timeout=1800)
+            status, baseline, output = run_tests(copies[0], tests, timeout=1800)
             if status != "survived":
-                sys.exit(f"the tests for {module} fail without any mutation: fix them first")
+                sys.exit(f"the tests for {module} fail without any mutation: fix them first\n{output}")
             print(f"{module}: tests pass unmutated in {baseline:.0f} s", flush=True)
             original = (ROOT / module).read_text()
             generated = generate(module)[: args.limit]
@@ -361,7 +362,7 @@ def main() -> None:
                     copy_dir = free.get()
                     try:
                         (copy_dir / module).write_text(source)
-                        mutant.status, mutant.seconds = run_tests(copy_dir, tests, timeout=3 * baseline + 60)
+                        mutant.status, mutant.seconds, _ = run_tests(copy_dir, tests, timeout=3 * baseline + 60)
                     finally:
                         (copy_dir / module).write_text(original)
                         free.put(copy_dir)

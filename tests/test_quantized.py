@@ -86,6 +86,8 @@ def test_merge_into_the_dequantized_base_equals_peft(qlora, tmp_path, kind):
     assert worst[0] == 0.0, worst  # bit for bit
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["dequantize"]["quantized_tensors"] == {("int8" if kind == "int8" else "4bit"): 14}
+    # the rest of PEFT's merged model (embeddings, norms, head) was stored as float: 2 layers x 2 norms + 3
+    assert report["dequantize"]["float_tensors"] == len(peft) - 14 == 7
     assert "what QLoRA training computed with" in report["parity_reference"]
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
 
