@@ -264,3 +264,27 @@ def test_report_json_keeps_the_random_id_probes_apart_with_ten_times_the_bounds(
                                     for k in ("max_abs", "max_kl")}
     assert declared["max_abs"] is not None  # a bound really judged, so the factor shows
     assert 0 <= random["kl"] and 0 <= random["max_abs"] and 0 <= random["top1"] <= 1
+
+
+def test_auto_parity_memory_runs_whole_only_with_half_again_the_float32_model_and_a_gib_to_spare(tmp_path,
+                                                                                              monkeypatch):
+    """--parity-memory auto (the default): whole-model parity needs the model in float32 × 1.5 + 1 GiB of available
+    memory, counted from the merged tensors (a bf16 base is twice its bytes in float32); one byte less streams."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import exporter.stages.parity as parity_stage
+
+    base = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    ctx = run_export(base, adapter, tmp_path / "out", parity=False)
+    from safetensors import safe_open
+
+    with safe_open(base / "model.safetensors", "pt") as f:  # the oracle: every float tensor of the base, in float32
+        fp32_bytes = sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    need = int(fp32_bytes * 1.5) + 2**30
+    for available, mode in ((need, "whole"), (need - 1, "streamed")):
+        monkeypatch.setattr(parity_stage.psutil, "virtual_memory", lambda a=available: SimpleNamespace(available=a))
+        assert parity_stage.choose_parity_mode(ctx)[0] == mode, (available, need)
+    ctx.plan = dataclasses.replace(ctx.plan, parity_memory="whole")  # asked for: taken as asked, whatever is free
+    assert parity_stage.choose_parity_mode(ctx)[0] == "whole"

@@ -278,3 +278,42 @@ def test_each_merged_base_weight_is_released_row_block_by_row_block_over_its_who
         ranges = [r for r in released[t.base_name] if r != (0, None)]
         assert ranges[0][0] == 0 and ranges[-1][1] == info.nbytes, (t.base_name, ranges)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (t.base_name, ranges)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_merge_bar_shows_only_with_progress_and_the_cpu_merge_uses_one_worker_a_core(tiny, tmp_path, monkeypatch,
+                                                                                        capfd, progress):
+    """--no-progress (progress=False) writes no bar to stderr, progress=True the merge's; on the CPU the stream runs
+    converters/ordered_pool.default_workers() tensors at once (one per core, up to 4)."""
+    from converters.ordered_pool import default_workers
+    from exporter.merge_stream import MergeStream
+
+    base, adapter = tiny
+    workers_used = []
+    original = MergeStream.pump
+
+    def pump(self, writers, workers, **kwargs):
+        workers_used.append(workers)
+        return original(self, writers, workers, **kwargs)
+
+    monkeypatch.setattr(MergeStream, "pump", pump)
+    from exporter.context import ExportPlan
+
+    run_pipeline(ExportPlan(base=str(base), adapter=str(adapter), out=tmp_path / "out", parity=False,
+                            progress=progress))
+    assert workers_used == [default_workers()]
+    err = capfd.readouterr().err
+    assert ("merge:" in err) is progress, err[-500:]
+
+
+def test_a_cuda_merge_pumps_one_tensor_at_a_time(monkeypatch):
+    """On a GPU the stream is not split across threads (one device, its own parallelism): one worker."""
+    from types import SimpleNamespace
+
+    from exporter.stages.export import ExportStage
+
+    seen = []
+    merge = SimpleNamespace(tensors=[], pump=lambda writers, workers, on_written: seen.append(workers))
+    ctx = SimpleNamespace(device=torch.device("cuda"), merge=merge, plan=SimpleNamespace(progress=False))
+    ExportStage._pump(ctx, [])
+    assert seen == [1]
