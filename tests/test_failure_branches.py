@@ -196,3 +196,36 @@ def test_gguf_lora_refuses_what_it_cannot_express_before_the_merge(request, tmp_
     others = [text for _, _, text in GGUF_LORA_REFUSALS.values() if text != named]
     assert not [text for text in others if text in lines[0]], lines[0]  # it names this adapter's problem only
     assert_nothing_written(out)
+
+
+def test_gguf_lora_refuses_a_module_llama_cpps_graph_has_no_tensor_for(tmp_path):
+    """Gemma 2 in llama.cpp has no output tensor (the head is always the token embedding): a LoRA on lm_head cannot be
+    applied there, so gguf-lora refuses it by name before the merge instead of writing an adapter llama.cpp drops; and
+    a hyperparameter llama.cpp would not honour (query_pre_attn_scalar) is refused as for --to gguf."""
+    import torch
+
+    from exporter.demo import build_tokenizer
+
+    from transformers import AutoModelForCausalLM
+
+    from transformers import Gemma2Config
+
+    from conftest import TINY
+
+    base = tmp_path / "base"
+    build_tokenizer(base, vocab_size=128)
+    config = Gemma2Config(**TINY, head_dim=8, sliding_window=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    for scalar, words in ((256, "query_pre_attn_scalar=256, but llama.cpp scales attention by 8"),
+                          (8, "'lm_head.weight' cannot carry a LoRA in llama.cpp's")):
+        config.query_pre_attn_scalar = scalar  # transformers' default (256) is not this tiny shape's head_dim
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base)
+        adapter = build_peft_adapter(tmp_path / f"adapter{scalar}", base, r=4, lora_alpha=8,
+                                     target_modules=["q_proj", "lm_head"])
+        out = tmp_path / "out"
+        result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(out), "--to", "gguf-lora")
+        assert result.exit_code == 2, result.output
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and words in lines[0] and "Fix: export the merged model instead." in lines[0], \
+            result.output
+        assert_nothing_written(out)

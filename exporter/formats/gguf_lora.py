@@ -53,7 +53,7 @@ class GGUFLoraFormat(Format):
     arch_tolerances = {("f32", arch): GELU_F32 for arch in GELU_ARCHITECTURES}
 
     def prepare(self, ctx: Context, variant: str | None) -> None:
-        from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters
+        from converters.gguf.arch import ArchError, arch_for, gguf_tensor_name, hyperparameters, metadata_keys
 
         adapter = ctx.adapter
         if ctx.base.quantization is not None:
@@ -74,6 +74,8 @@ class GGUFLoraFormat(Format):
                              "export the merged model instead: --to gguf.")
         try:
             spec, hp = arch_for(ctx.base.config), hyperparameters(ctx.base.config)
+            # every hyperparameter llama.cpp needs, checked now as for --to gguf (the adapter runs on such a GGUF)
+            metadata_keys(spec, hp)
             for module in adapter.modules.values():
                 name = gguf_tensor_name(spec, hp, module.weight_name)
                 if name is None or name.startswith("token_embd"):
