@@ -449,3 +449,26 @@ def test_many_missing_weights_are_named_five_then_counted(tmp_path, n, more):
     assert str(failure.value) == (f"{n} weights the ONNX graph needs were never written: {', '.join(missing[:5])}"
                                   + more)
     writer.abort()
+
+
+def test_every_input_and_output_names_its_dynamic_axes(exported):
+    """The symbolic dimensions optimum and onnxruntime-genai use: batch and sequence on ids, positions and logits,
+    the total length on the mask and on every present, the past length on every past input (TensorRT builds its
+    optimisation profiles from these names; a fixed size would pin the cache length)."""
+    _, _, _, path = exported
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(value) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    shapes = {v.name: dims(v) for v in [*graph.input, *graph.output]}
+    assert shapes["input_ids"] == shapes["position_ids"] == ["batch_size", "sequence_length"]
+    assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert shapes["logits"][:2] == ["batch_size", "sequence_length"]
+    past = [n for n in shapes if n.startswith("past_key_values.")]
+    present = [n for n in shapes if n.startswith("present.")]
+    assert past and len(past) == len(present)
+    for name in past:
+        assert shapes[name][0] == "batch_size" and shapes[name][2] == "past_sequence_length", (name, shapes[name])
+    for name in present:
+        assert shapes[name][0] == "batch_size" and shapes[name][2] == "total_sequence_length", (name, shapes[name])
