@@ -85,6 +85,29 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def point_hub_client(monkeypatch, endpoint: str, cache: Path | str, token: str | None = None) -> None:
+    """huggingface_hub (and exporter.hub, and subprocesses) pointed at ``endpoint`` for one test, with ``cache``.
+
+    huggingface_hub reads its settings at import (huggingface_hub.constants), so the constants are patched as well as
+    the environment: ENDPOINT *and* HUGGINGFACE_CO_URL_TEMPLATE (hf_hub_url formats the template, built from ENDPOINT at
+    import), HF_HUB_OFFLINE (scripts/_venv.sh sets it for the suite), HF_HUB_DISABLE_XET (hf_xet is installed; these
+    servers speak plain LFS) and HF_HUB_CACHE. ``token``: HF_TOKEN, or none at all."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for name, value in {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                        "HF_HUB_CACHE": str(cache)}.items():
+        monkeypatch.setenv(name, value)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+
+
 def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 

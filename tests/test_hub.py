@@ -8,7 +8,7 @@
   same run again offline from the cache.
 
 huggingface_hub reads its settings at import (huggingface_hub.constants): the fixtures patch the constants and the
-environment both (see tests/test_hub_server.py).
+environment both (tests/hub_server.py: point_hub_client).
 """
 
 from __future__ import annotations
@@ -24,23 +24,14 @@ from click.testing import CliRunner
 
 from conftest import build_bf16_llama, break_merge_scale, model_logits, train_adapter
 from exporter.cli import main
-from hub_server import HubServer
+from hub_server import HubServer, point_hub_client
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def _point_client_at(monkeypatch, endpoint: str, cache: Path) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    for name, value in {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                        "HF_HUB_CACHE": str(cache), "HF_TOKEN": "hf_test_token"}.items():
-        monkeypatch.setenv(name, value)
+    point_hub_client(monkeypatch, endpoint, cache, token="hf_test_token")
     # huggingface_hub retries a failed LFS upload 5 times, sleeping 23 s in all: no sleeping in tests
     import huggingface_hub.utils._http as http
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import HubServer
+from hub_server import HubServer, point_hub_client
 
 hf = pytest.importorskip("huggingface_hub")
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download  # noqa: E402
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
 )
@@ -34,15 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     server = HubServer(tmp_path / "hub-store")
-    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for name, value in {"HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                        "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_TOKEN": TOKEN}.items():
-        monkeypatch.setenv(name, value)        # for anything that reads the environment (and for subprocesses)
+    point_hub_client(monkeypatch, server.endpoint, tmp_path / "hf-cache", token=TOKEN)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     bars_were_off = are_progress_bars_disabled()

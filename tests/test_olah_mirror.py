@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hub_server import point_hub_client
 from olah_mirror import ROOT, OlahMirror
 
-from huggingface_hub import constants, snapshot_download  # noqa: E402
+from huggingface_hub import snapshot_download  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
 )
@@ -39,18 +40,8 @@ def olah(tmp_path_factory):
 @pytest.fixture
 def client(olah, tmp_path, monkeypatch):
     """huggingface_hub (and exporter.hub) pointed at olah for this test, with a fresh cache."""
-    cache = str(tmp_path / "hf-cache")
-    monkeypatch.setattr(constants, "ENDPOINT", olah.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        olah.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
-    for name, value in {"HF_ENDPOINT": olah.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                        "HF_HUB_CACHE": cache}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("TRANSFORMERS_OFFLINE", "HF_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+    point_hub_client(monkeypatch, olah.endpoint, tmp_path / "hf-cache")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return olah
 
 
