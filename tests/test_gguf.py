@@ -207,6 +207,10 @@ def test_added_tokens_and_chat_template_tokenize_the_same(tmp_path):
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
     assert max(tok("<|end_think|>")["input_ids"]) == 131
+    # the chat template travels in the GGUF (llama.cpp's server and Ollama read it there): transformers saved it as
+    # chat_template.jinja, not in tokenizer_config.json
+    assert (adapter / "chat_template.jinja").is_file() and tok.chat_template
+    assert llm.metadata.get("tokenizer.chat_template") == tok.chat_template
 
 
 def test_unsupported_architecture_is_refused_before_merging(tmp_path):

@@ -106,9 +106,14 @@ def special_vocab(folder: Path, tokenizer_json: dict[str, Any] | None, n_vocab: 
     if load_merges:
         cut["model"] = {"merges": (tokenizer_json.get("model") or {}).get("merges")}
     with tempfile.TemporaryDirectory(prefix="lora-export-vocab-") as tmp:
-        for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json", "merges.txt"):
+        # every file SpecialVocab reads besides tokenizer.json: the chat template included, which transformers
+        # saves as chat_template.jinja (plus additional_chat_templates/) rather than in tokenizer_config.json
+        for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json", "merges.txt",
+                     "chat_template.jinja", "chat_template.json"):
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, Path(tmp) / name)
+        if (folder / "additional_chat_templates").is_dir():
+            shutil.copytree(folder / "additional_chat_templates", Path(tmp) / "additional_chat_templates")
         (Path(tmp) / "tokenizer.json").write_text(json.dumps(cut), encoding="utf-8")
         return gguf.SpecialVocab(tmp, load_merges=load_merges, n_vocab=n_vocab)
 

@@ -138,3 +138,41 @@ def test_padding_rows_are_what_llama_cpps_converter_writes():
     vocab.pad_to(4)
     assert vocab.tokens == [b"<unk>", b"a", b"[PAD2]", b"[PAD3]"]
     assert vocab.types[2:] == [TokenType.UNUSED] * 2 and vocab.scores == [0.0, -1.5, -1000.0, -1000.0]
+
+
+@pytest.mark.parametrize("family", ["gpt-2", "llama-bpe"])
+def test_the_vocabularys_size_bound_holds_what_gguf_py_writes_closely(tmp_path, family):
+    """Vocab.metadata_bytes (the disk pre-flight's figure for the vocabulary) against the bytes gguf-py writes for
+    it, the tokenizer keys added as converters/gguf/writer.py adds them: never under, and no more than its fixed
+    allowances over, with hundreds of merges and tokens and a chat template so each term counts."""
+    import gguf
+
+    from converters.gguf.vocab import load_vocab
+
+    build_tokenizer(tmp_path / "tok", vocab_size=640, family=family)
+    vocab = load_vocab(tmp_path / "tok")
+    assert len(vocab.special.merges) > 150 and vocab.special.chat_template
+    # a real vocabulary has ~10^5 merges; a few hundred more (as the file would list them) make their term outweigh
+    # the fixed allowance, so a merge counted short cannot hide in it
+    vocab.special.merges = [*vocab.special.merges, *(f"x{i} y{i}" for i in range(400))]
+
+    def header_bytes(with_vocab: bool) -> int:
+        path = tmp_path / f"{with_vocab}.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        if with_vocab:
+            writer.add_tokenizer_model(vocab.model)
+            writer.add_tokenizer_pre(vocab.pre)
+            writer.add_token_list(vocab.tokens)
+            writer.add_token_types(vocab.types)
+            if vocab.scores is not None:
+                writer.add_token_scores(vocab.scores)
+            vocab.special.add_to_gguf(writer, quiet=True)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path.stat().st_size
+
+    written = header_bytes(True) - header_bytes(False)
+    templates = 1 if isinstance(vocab.special.chat_template, str) else len(vocab.special.chat_template)
+    slack = 4096 + 64 * templates + 4 * len(vocab.tokens)  # allowances, and a score's 4 bytes an unscored BPE lacks
+    assert written <= vocab.metadata_bytes() <= written + slack, (vocab.metadata_bytes(), written)
