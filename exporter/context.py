@@ -215,7 +215,8 @@ class InputFacts:
     adapter: str
     adapter_sha256: dict[str, str]
     tokenizer_from: str | None = None
-    disk: dict[str, Any] = field(default_factory=dict)  # needed_bytes, free_bytes, planned_bytes {request: bytes}
+    # needed_bytes, free_bytes, and per request planned_bytes (its files) and transient_bytes (its scratch meanwhile)
+    disk: dict[str, Any] = field(default_factory=dict)
     original_base: dict[str, str] | None = None  # path, merged_into
     base_hub: dict[str, str | None] | None = None  # repo_id, revision asked for, commit it resolved to (Hub ids)
     adapter_hub: dict[str, str | None] | None = None

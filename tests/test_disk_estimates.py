@@ -50,19 +50,52 @@ def _base(folder, tie: bool):
     return folder
 
 
+def _record_scratch_files(monkeypatch) -> dict[str, list[int]]:
+    """The scratch files the run writes beside its outputs, by the request that needs them: a K-quant's F32 GGUF
+    (the file llama.cpp quantizes from), bitsandbytes' spilled parts, gguf-lora's F32 base for its parity run."""
+    import converters.gguf.writer as gguf_writer
+    import exporter.formats.bnb as bnb_format
+
+    seen: dict[str, list[int]] = {}
+    quantize, write_gguf, spill_close = gguf_writer._llama_cpp_quantize, gguf_writer.write_gguf, bnb_format._Spill.close
+
+    def recorded_quantize(source, target, gguf_type, threads):
+        seen.setdefault(f"gguf:{gguf_type.name.lower()}", []).append(source.stat().st_size)
+        return quantize(source, target, gguf_type, threads)
+
+    def recorded_write_gguf(folder, target, *args, **kwargs):
+        result = write_gguf(folder, target, *args, **kwargs)
+        seen.setdefault("gguf-lora", []).append(target.stat().st_size)
+        return result
+
+    def recorded_spill_close(spill):
+        if spill.fd is not None:
+            seen.setdefault(f"safetensors:{spill.path.parent.name}", []).append(spill.path.stat().st_size)
+        return spill_close(spill)
+
+    monkeypatch.setattr(gguf_writer, "_llama_cpp_quantize", recorded_quantize)
+    monkeypatch.setattr(gguf_writer, "write_gguf", recorded_write_gguf)
+    monkeypatch.setattr(bnb_format._Spill, "close", recorded_spill_close)
+    return seen
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def exported(request, tmp_path_factory):
-    """Every case written in one run from a bf16 base with a trained adapter, default flags; its output folder."""
+    """Every case written in one run from a bf16 base with a trained adapter, default flags: its output folder and
+    the scratch files' sizes by request."""
     tmp = tmp_path_factory.mktemp("estimates")
     base = _base(tmp / "base", tie=request.param)
     adapter = train_adapter(tmp / "adapter", base, steps=2, r=8, lora_alpha=16, target_modules="all-linear")
-    run_export(base, adapter, tmp / "out", formats=tuple(CASES))
-    return tmp / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        scratch = _record_scratch_files(monkeypatch)
+        run_export(base, adapter, tmp / "out", formats=tuple(CASES))
+    return tmp / "out", scratch
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_estimate_bounds_its_files_closely(exported, case):
     """report.json's planned bytes (what the pre-flight counted on) against the bytes on disk."""
+    exported, _ = exported
     planned = json.loads((exported / "report.json").read_text())["inputs"]["disk"]["planned_bytes"]
     assert sorted(planned) == sorted(CASES)
     files = [p for p in exported.glob(CASES[case]) if p.is_file()]
@@ -70,3 +103,18 @@ def test_each_estimate_bounds_its_files_closely(exported, case):
     written = sum(p.stat().st_size for p in files)
     assert isinstance(planned[case], int)
     assert written <= planned[case] <= 1.15 * written + 64 * 1024, (case, planned[case], written)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_scratch_estimate_bounds_its_scratch_file_closely(exported, case):
+    """report.json's transient bytes (the scratch the pre-flight counted on beside the outputs) against the scratch
+    file the run wrote for that request, at its largest; the formats that write their files directly plan none."""
+    exported, scratch = exported
+    transient = json.loads((exported / "report.json").read_text())["inputs"]["disk"]["transient_bytes"]
+    assert sorted(transient) == sorted(CASES) and isinstance(transient[case], int)
+    if case not in scratch:
+        assert case in ("safetensors", "gguf:f32", "gguf:bf16", "gguf:q8_0", "onnx:fp32", "onnx:fp16"), scratch
+        assert transient[case] == 0
+        return
+    written = max(scratch[case])
+    assert written <= transient[case] <= 1.15 * written + 64 * 1024, (case, transient[case], written)

@@ -30,6 +30,7 @@ from converters.tensor_stream import Passthrough, StreamTensor
 from exporter.context import Artifact, Context
 from exporter.errors import InputError
 from exporter.formats.base import GatheredCast
+from exporter.layout import Source
 from exporter.model_files import copy_model_files
 
 log = logging.getLogger("lora_export")
@@ -66,21 +67,34 @@ def transformers_quantized_modules(folder: Path) -> dict[str, bool]:
     return {name: conv1d for name, conv1d in linears.items() if name not in skipped}
 
 
-def estimated_bytes(ctx: Context, variant: str) -> int:
-    """An upper bound on the folder's weight files: the weights of the modules transformers quantizes as codes plus a
-    float32 scale per 64-value block (4-bit) or per row (int8) and their quantization state, every other tensor
-    (embeddings, the output head, norms, biases) in the model's dtype, and each tensor's safetensors header entry."""
+def estimated_bytes(ctx: Context, variant: str) -> tuple[int, int]:
+    """Upper bounds on the folder's weight files and on the spill file they are assembled from. The files: the
+    weights of the modules transformers quantizes as codes plus a float32 scale per 64-value block (4-bit) or per row
+    (int8) and their quantization state, every other tensor (embeddings, the output head, norms, biases) in the model's
+    dtype, and each tensor's safetensors header entry. The spill: the same parts, less the tensors copied straight
+    from the base's or the adapter's file (stored in the model's dtype, unchanged: BnbSink.encoder's Passthrough)."""
     bits = VARIANTS[variant][0]
     quantized = transformers_quantized_modules(ctx.model_files)
-    total = 4096
+    base = ctx.merge_base or ctx.base
+    total, spilled = 4096, 0
     for t in ctx.layout.tensors:
         numel = math.prod(t.shape)
         if t.name.endswith(".weight") and t.name.removesuffix(".weight") in quantized:
             # up to six header entries (weight, absmax, quant_map, nested parts, quant_state) and the state's JSON
-            total += numel * bits // 8 + (numel // 64 + 1) * 4 + t.shape[0] * 4 + 6 * (len(t.name) + 128) + 1024
+            data = numel * bits // 8 + (numel // 64 + 1) * 4 + t.shape[0] * 4
+            total += data + 6 * (len(t.name) + 128) + 1024
+            spilled += data
+            continue
+        total += numel * ctx.out_dtype.itemsize + len(t.name) + 128
+        if t.source is Source.COPY:
+            copied = base.raw(t.base_name) is not None and base.info(t.base_name).torch_dtype == ctx.out_dtype
+        elif t.source is Source.REPLACE:
+            copied = ctx.adapter.raw(t.adapter_key) is not None and ctx.adapter.dtype(t.adapter_key) == ctx.out_dtype
         else:
-            total += numel * ctx.out_dtype.itemsize + len(t.name) + 128
-    return total
+            copied = False
+        if not copied:
+            spilled += numel * ctx.out_dtype.itemsize
+    return total, spilled
 
 
 class _Spill:

@@ -17,7 +17,7 @@ import torch
 from exporter.context import Artifact, Context, FormatRequest
 from exporter.errors import InputError
 from exporter.formats.base import ArtifactRuntime, Format, LogitsRuntime
-from exporter.formats.gguf import GELU_ARCHITECTURES, GELU_F32
+from exporter.formats.gguf import GELU_ARCHITECTURES, GELU_F32, gguf_vocab
 from exporter.model_files import TOKENIZER_FILES, copy_tokenizer, provenance
 from exporter.parity.runtimes import llama_cpp_logits
 from exporter.parity.tolerances import Tolerance
@@ -84,10 +84,21 @@ class GGUFLoraFormat(Format):
             raise InputError(str(ctx.base.path / "config.json"), f"{e}.", "export the merged model instead.") from e
 
     def output_bytes(self, ctx: Context, request: FormatRequest) -> tuple[int, int]:
-        """The adapter in f32; with parity on, the base as an F32 GGUF beside it while llama.cpp runs them."""
+        """The adapter in f32; with parity on, the base as an F32 GGUF beside it while llama.cpp runs them (its tensors
+        on the 32-byte alignment with their tensor infos, its vocabulary with a placeholder per padding row, the other
+        metadata)."""
+        from gguf import GGUFWriter
+
         adapter = ctx.adapter
         size = sum(4 * math.prod(adapter.shape(k)) for m in adapter.modules.values() for k in (m.a_key, m.b_key))
-        base_f32 = sum(4 * math.prod(t.shape) for t in ctx.base.tensors.values()) if ctx.plan.parity else 0
+        base_f32 = 0
+        if ctx.plan.parity:
+            base_f32 = sum(GGUFWriter.ggml_pad(4 * math.prod(t.shape), 32) + len(t.name) + 64
+                           for t in ctx.base.tensors.values()) + 64 * 1024
+            if ctx.tokenizer_dir is not None:
+                vocab = gguf_vocab(ctx)
+                padding_rows = max(0, (ctx.layout.base_vocab or 0) - len(vocab.tokens))
+                base_f32 += vocab.metadata_bytes() + 32 * padding_rows  # "[PAD123456]": its bytes, length, type, score
         return size + 4096, base_f32
 
     def open_sink(self, ctx: Context, request: FormatRequest) -> GGUFLoraSink:

@@ -141,8 +141,7 @@ class SafetensorsFormat(Format):
             return sum(t.spec().nbytes + 2 * len(t.name) + 192 for t in ctx.layout.tensors) + 4096, 0
         from exporter.formats.bnb import estimated_bytes
 
-        size = estimated_bytes(ctx, variant)
-        return size, size  # the parts are spilled, then assembled into the shards
+        return estimated_bytes(ctx, variant)  # the parts are spilled, then assembled into the shards
 
     def open_sink(self, ctx: Context, request: FormatRequest) -> Any:
         if request.variant is None:

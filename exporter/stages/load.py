@@ -173,7 +173,8 @@ class LoadStage:
                                   f"{free / 1e9:.2f} GB free ({', '.join(map(str, ctx.formats))}).",
                                   "free space on that disk, or write somewhere else (--out).")
         return {"needed_bytes": need, "free_bytes": free,
-                "planned_bytes": {str(request): final for request, (final, _) in zip(ctx.formats, sizes)}}
+                "planned_bytes": {str(request): final for request, (final, _) in zip(ctx.formats, sizes)},
+                "transient_bytes": {str(request): transient for request, (_, transient) in zip(ctx.formats, sizes)}}
 
     @staticmethod
     def _original_base(ctx: Context) -> dict[str, str] | None:
