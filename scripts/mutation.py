@@ -81,6 +81,10 @@ TARGETS: dict[str, list[str]] = {
                                  "tests/converters/test_onnx.py::test_genai_head_size_is_the_configs_head_dim_or_an_"
                                  "integer_share_of_the_width",
                                  "tests/converters/test_onnx.py::test_genai_generates_what_transformers_generates",
+                                 "tests/converters/test_onnx.py::test_genai_search_options_are_the_generation_configs_"
+                                 "or_transformers_defaults",
+                                 "tests/converters/test_onnx.py::test_genai_config_refuses_a_graph_whose_cache_is_not_"
+                                 "the_configs",
                                  "tests/test_onnx_export.py::test_onnxruntime_genai_generates_what_transformers_"
                                  "generates"],
     # -- bitsandbytes: bit for bit against bitsandbytes, then QLoRA bases through the pipeline
@@ -112,26 +116,26 @@ TARGETS: dict[str, list[str]] = {
                                   # fp16 GELU table), so the architecture must reach the lookup
                                   "tests/test_gguf.py::test_every_architecture_runs_in_llama_cpp_like_the_"
                                   "unmerged_model[gemma3]"],
-    # -- the formats
+    # -- the formats (tests/test_docs.py first: README's tolerance table must show each declared tolerance, ~2 s)
     # 9 mutants; 8 s + 18 s
-    "exporter/formats/__init__.py": ["tests/test_pipeline.py", "tests/test_cli_options.py"],
+    "exporter/formats/__init__.py": ["tests/test_docs.py", "tests/test_pipeline.py", "tests/test_cli_options.py"],
     # 8 mutants; 14 s + 33 s (the gathered cast: bitsandbytes' float tensors, ONNX's weights)
     "exporter/formats/base.py": ["tests/test_quantized.py", "tests/test_onnx_export.py",
                                  "tests/test_cli_options.py::test_values_float16_cannot_hold_are_refused_in_every_"
                                  "format_unless_no_check_finite"],
     # 38 mutants; 8 s + 10 s + 18 s
-    "exporter/formats/safetensors.py": ["tests/test_disk_estimates.py", "tests/test_pipeline.py",
+    "exporter/formats/safetensors.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_pipeline.py",
                                         "tests/test_merge_vs_peft.py", "tests/test_cli_options.py"],
     # 86 mutants; 14 s
     "exporter/formats/bnb.py": ["tests/test_disk_estimates.py", "tests/test_quantized.py"],
     # 47 mutants; 35 s + 17 s
-    "exporter/formats/gguf.py": ["tests/test_disk_estimates.py", "tests/test_gguf.py", "tests/test_one_pass.py",
-                                 "tests/test_failure_branches.py"],
+    "exporter/formats/gguf.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_gguf.py",
+                                 "tests/test_one_pass.py", "tests/test_failure_branches.py"],
     # 21 mutants; 35 s
-    "exporter/formats/gguf_lora.py": ["tests/test_disk_estimates.py", "tests/test_gguf.py",
+    "exporter/formats/gguf_lora.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_gguf.py",
                                       "tests/test_failure_branches.py"],
     # 69 mutants; 33 s
-    "exporter/formats/onnx.py": ["tests/test_disk_estimates.py", "tests/test_onnx_export.py"],
+    "exporter/formats/onnx.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_onnx_export.py"],
 }
 
 _SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,

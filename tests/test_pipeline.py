@@ -80,6 +80,7 @@ def test_report_and_model_card(tiny, tmp_path):
     assert report["inputs"]["base_sha256"] == {"model.safetensors": expected}
     assert report["merge"]["lora_modules"] == 4 and report["merge"]["scales"] == [2.0]
     assert all(m["relative_change"] > 0 for m in report["merge"]["per_tensor"])
+    assert not any("changes nothing" in n for n in report["notes"])  # said only of an adapter that changes nothing
     card = (tmp_path / "out" / "README.md").read_text()
     assert str(adapter) in card and expected in card and "lora_alpha/r" in card
 
@@ -304,6 +305,17 @@ def test_the_merge_bar_shows_only_with_progress_and_the_cpu_merge_uses_one_worke
     assert workers_used == [default_workers()]
     err = capfd.readouterr().err
     assert ("merge:" in err) is progress, err[-500:]
+    if progress:
+        # The bar counts the bytes the writers received: the data section of the safetensors written (each shard's
+        # size less its 8-byte length and JSON header), its total shown in scaled units as tqdm prints them ("107k").
+        from tqdm import tqdm
+
+        data = 0
+        for shard in (tmp_path / "out").glob("*.safetensors"):
+            raw = shard.read_bytes()
+            data += len(raw) - 8 - int.from_bytes(raw[:8], "little")
+        shown = tqdm.format_sizeof(data)
+        assert f"/{shown} [" in err, (shown, err[-500:])
 
 
 def test_a_cuda_merge_pumps_one_tensor_at_a_time(monkeypatch):
@@ -317,3 +329,22 @@ def test_a_cuda_merge_pumps_one_tensor_at_a_time(monkeypatch):
     ctx = SimpleNamespace(device=torch.device("cuda"), merge=merge, plan=SimpleNamespace(progress=False))
     ExportStage._pump(ctx, [])
     assert seen == [1]
+
+
+def test_the_output_dtype_is_the_flag_then_the_config_then_the_stored_tensors(tmp_path):
+    """choose_dtype: --dtype wins; else config.json's dtype (even where the shards hold another, as a float16 config
+    over bf16 shards); else, with no dtype in the config, the first floating-point tensor's dtype, as stored."""
+    from exporter.base import load_base
+    from exporter.stages.load import choose_dtype
+
+    folder = build_tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"
+    config_path.write_text(json.dumps(config))
+    assert choose_dtype(None, load_base(folder)) == torch.float16
+    assert choose_dtype("float32", load_base(folder)) == torch.float32
+    del config["dtype"]
+    config_path.write_text(json.dumps(config))
+    assert choose_dtype(None, load_base(folder)) == torch.bfloat16

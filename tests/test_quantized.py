@@ -88,6 +88,11 @@ def test_merge_into_the_dequantized_base_equals_peft(qlora, tmp_path, kind):
     assert report["dequantize"]["quantized_tensors"] == {("int8" if kind == "int8" else "4bit"): 14}
     # the rest of PEFT's merged model (embeddings, norms, head) was stored as float: 2 layers x 2 norms + 3
     assert report["dequantize"]["float_tensors"] == len(peft) - 14 == 7
+    # the type as the quantized base's config.json (written by transformers) describes it
+    written = json.loads((quantized / "config.json").read_text())["quantization_config"]
+    described = ("int8 (LLM.int8)" if written.get("load_in_8bit") else
+                 written["bnb_4bit_quant_type"] + (" + double quant" if written["bnb_4bit_use_double_quant"] else ""))
+    assert report["dequantize"]["type"] == described
     assert "what QLoRA training computed with" in report["parity_reference"]
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
 

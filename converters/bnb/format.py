@@ -182,9 +182,9 @@ def parse_quant_state(data: bytes | torch.Tensor, key: str) -> QuantState4bit:
     if state.get("dtype") not in FLOAT_DTYPES:
         raise BnbFormatError(key, f"quant state dtype {state.get('dtype')!r} is not one of {sorted(FLOAT_DTYPES)}")
     shape = state.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise BnbFormatError(key, f"quant state shape must be a list of sizes, got {shape!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                              for d in shape):  # an empty weight is nothing transformers quantizes
+        raise BnbFormatError(key, f"quant state shape must be a list of positive sizes, got {shape!r}")
     nested_fields = ("nested_blocksize", "nested_dtype", "nested_offset")
     present = [f for f in nested_fields if f in state]
     if present and len(present) != len(nested_fields):

@@ -316,6 +316,9 @@ def test_non_nested_absmax_must_be_float(nf4_dq):
     (b'{"quant_type": "nf4", "blocksize": 0, "dtype": "float16", "shape": [2, 2]}', "blocksize"),
     (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [2, 2]}', "dtype 'int8'"),
     (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": "2x2"}', "shape"),
+    (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [-2, 2]}', "positive sizes"),
+    (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [0, 64]}', "positive sizes"),
+    (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [2, true]}', "positive sizes"),
     (b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [2], "nested_blocksize": 256}', "nested"),
     (b'{"quant_type": "fp4", "blocksize": 64, "dtype": "float16", "shape": [2, 2]}', "names another type"),
 ])
@@ -323,6 +326,13 @@ def test_corrupt_quant_state_names_the_key(raw, words):
     with pytest.raises(BnbFormatError, match=words) as e:
         parse_quant_state(torch.tensor(list(raw), dtype=torch.uint8), QS_KEY)
     assert e.value.key == QS_KEY and str(e.value).startswith(QS_KEY)
+
+
+def test_a_quant_state_of_a_one_row_weight_is_read():
+    """A dimension of 1 is a size like any other (a one-row weight, a bias-like 1-D shape)."""
+    state = parse_quant_state(json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float16",
+                                          "shape": [1, 64]}).encode(), QS_KEY)
+    assert tuple(state.shape) == (1, 64)
 
 
 def test_unknown_quant_type_in_key_names_the_key():

@@ -234,3 +234,18 @@ def test_llama3_rope_without_an_original_context_takes_llama_cpps_8192():
     hp.pop("rope_scaling", None)
     np.testing.assert_allclose(llama3_rope_factors(hp).double().numpy(), (unscaled / scaled.double()).numpy(),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("sliding_window, written", [(None, 0), (2047, 2047)])
+def test_phi3_sliding_window_is_written_as_llama_cpps_converter_writes_it(sliding_window, written):
+    """convert_hf_to_gguf.py writes phi3.attention.sliding_window always, 0 when the config has none (llama.cpp reads
+    0 as "no window": how it tells Phi-4 from Phi-3), the config's window otherwise."""
+    from transformers import Phi3Config
+
+    from converters.gguf.arch import arch_for, hyperparameters, metadata_keys
+
+    config = Phi3Config(hidden_size=64, num_attention_heads=4, sliding_window=sliding_window).to_dict()
+    config["architectures"] = ["Phi3ForCausalLM"]
+    hp = hyperparameters(config)
+    keys = {key: value for key, _, value in metadata_keys(arch_for(config), hp)}
+    assert keys["attention.sliding_window"] == written

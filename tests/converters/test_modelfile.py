@@ -27,6 +27,11 @@ TEMPLATES = {
     "chatml-no-system": "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
                         "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # A block tag a line, indented, as many tokenizer_config.json files write it: renders right only with jinja's
+    # trim_blocks and lstrip_blocks (the newline after a block tag and the spaces before it dropped), as transformers
+    # renders templates.
+    "chatml-a-tag-a-line": "{% for m in messages %}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                           "  {% endfor %}\n  {% if add_generation_prompt %}\n<|im_start|>assistant\n  {% endif %}\n",
     "demo": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}",
     # Real models' templates, as their tokenizer_config.json carries them.
@@ -82,7 +87,7 @@ def hf_tokenizer(tmp_path_factory):
 BOS = "<s>"  # build_tokenizer's bos_token
 # What each template renders once before the first turn, read off the template by hand: the TEMPLATE leaves it to the
 # runtime, so Go's rendering must equal transformers' without exactly this text in front.
-LEADING = {"chatml": "", "llama3": BOS, "gemma": BOS, "chatml-no-system": "", "demo": "", "gemma-3-it": BOS,
+LEADING = {"chatml": "", "chatml-a-tag-a-line": "", "llama3": BOS, "gemma": BOS, "chatml-no-system": "", "demo": "", "gemma-3-it": BOS,
            "llama-3-instruct": BOS, "mistral-small-24b-instruct-2501": BOS}
 # A template with fixed text before the first turn that is no BOS: the TEMPLATE cannot carry it, the Modelfile's
 # notes must say so, and Go's rendering is transformers' without it.

@@ -472,3 +472,52 @@ def test_every_input_and_output_names_its_dynamic_axes(exported):
         assert shapes[name][0] == "batch_size" and shapes[name][2] == "past_sequence_length", (name, shapes[name])
     for name in present:
         assert shapes[name][0] == "batch_size" and shapes[name][2] == "total_sequence_length", (name, shapes[name])
+
+
+@pytest.mark.parametrize("generation", [{}, dict(do_sample=True, num_beams=2, repetition_penalty=1.3, temperature=0.7,
+                                                 top_k=20, top_p=0.95)], ids=["absent", "given"])
+def test_genai_search_options_are_the_generation_configs_or_transformers_defaults(generation):
+    """genai's search options: the values generation_config.json gives, and where it is silent transformers' own
+    GenerationConfig defaults (what generate() would use), so the ONNX model samples as the original does."""
+    from transformers import GenerationConfig
+
+    from converters.onnx.genai import genai_config
+
+    config = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, eos_token_id=1, vocab_size=128, max_position_embeddings=64)
+    search = genai_config(config, generation)["search"]
+    # transformers 5 leaves unset options None in GenerationConfig and fills them from these when generating
+    expected = GenerationConfig._get_default_generation_params() | generation
+    for option in ("do_sample", "num_beams", "repetition_penalty", "temperature", "top_k", "top_p", "min_length",
+                   "length_penalty", "no_repeat_ngram_size", "num_return_sequences", "diversity_penalty"):
+        assert search[option] == expected[option], option
+
+
+@pytest.mark.parametrize("layers, kv_heads, head_dim, refused", [
+    (2, 2, 8, False),  # the config's geometry
+    (3, 2, 8, True),   # a layer more than the config: genai would allocate too few caches
+    (2, 4, 8, True),   # other kv heads
+    (2, 2, 16, True),  # another head size
+], ids=["matching", "layers", "kv-heads", "head-dim"])
+def test_genai_config_refuses_a_graph_whose_cache_is_not_the_configs(tmp_path, layers, kv_heads, head_dim, refused):
+    """write_genai_config checks the graph's past_key_values inputs against the cache genai will allocate from the
+    config: every layer's key and value, (batch, kv heads, past, head size). Each mismatch alone is refused."""
+    from onnx import TensorProto, helper
+
+    from converters.onnx.arch import PAST_KEY, PAST_VALUE
+    from converters.onnx.genai import write_genai_config
+
+    inputs = [helper.make_tensor_value_info(name % i, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
+              for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
+    graph = helper.make_graph([helper.make_node("Identity", [inputs[0].name], ["out"])], "cache", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    config = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, eos_token_id=1, vocab_size=128, max_position_embeddings=64)
+    if refused:
+        with pytest.raises(OnnxExportError, match="cache layers of"):
+            write_genai_config(tmp_path, config, None, filename="model.onnx")
+        assert not (tmp_path / "genai_config.json").exists()
+    else:
+        write_genai_config(tmp_path, config, None, filename="model.onnx")
+        assert (tmp_path / "genai_config.json").is_file()
