@@ -103,7 +103,9 @@ TARGETS: dict[str, list[str]] = {
     # 45 mutants; 9 s + 8 s
     "exporter/stages/load.py": ["tests/test_bad_input.py", "tests/test_pipeline.py",
                                 "tests/test_quantized.py::test_an_original_missing_a_tensor_or_of_another_shape_is_"
-                                "refused_naming_exactly_those"],
+                                "refused_naming_exactly_those",
+                                # Hub ids: a local Hub server (tests/hub_server.py), ~3 s
+                                "tests/test_hub.py::test_a_base_other_than_the_adapters_is_a_warning_naming_both"],
     # 22 mutants; 14 s
     "exporter/stages/dequantize.py": ["tests/test_quantized.py"],
     # 22 mutants; 10 s + 8 s

@@ -120,6 +120,25 @@ def test_a_gguf_whose_vocabulary_is_corrupted_fails_the_tokenizer_check(bf16_lla
 FAULT = "injected fault: the merge's row blocks are gone"
 
 
+def test_a_failure_mid_export_is_reported_as_itself_whatever_formats_were_open(bf16_llama, tmp_path, monkeypatch):
+    """Every format asked for, and the merge fails on its first tensor: each sink is aborted before it wrote a byte
+    (gguf-lora has no file yet), none of them may fail in turn and hide the error that stopped the run."""
+    import exporter.stages.merge as merge_stage
+
+    def broken_merge(*args, **kwargs):
+        raise RuntimeError(FAULT)
+
+    monkeypatch.setattr(merge_stage, "LoraMerge", broken_merge)
+    base, adapter = bf16_llama
+    out = tmp_path / "out"
+    result = cli("--base", str(base), "--adapter", str(adapter), "--out", str(out), "--to",
+                 "safetensors,safetensors:nf4,gguf:q8_0,gguf-lora,onnx")
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output, "internal error:")
+    assert len(lines) == 1 and f"RuntimeError: {FAULT}" in lines[0], result.output
+    assert_nothing_written(out)
+
+
 def test_an_unexpected_exception_is_an_internal_error_with_the_traceback_under_v(bf16_llama, tmp_path, monkeypatch):
     """A bug mid-export (the merge raising what no input check can cause): exit 1, one line saying so, the staging
     folder removed; -v adds the traceback."""

@@ -288,3 +288,14 @@ def test_auto_parity_memory_runs_whole_only_with_half_again_the_float32_model_an
         assert parity_stage.choose_parity_mode(ctx)[0] == mode, (available, need)
     ctx.plan = dataclasses.replace(ctx.plan, parity_memory="whole")  # asked for: taken as asked, whatever is free
     assert parity_stage.choose_parity_mode(ctx)[0] == "whole"
+    # The reason the report gives names both figures in GB: a 7B-sized layout (one bf16 tensor of 7e9 values,
+    # 28 GB in float32) with 20 GB available streams, and says so.
+    from exporter.layout import OutputTensor, Source
+
+    big = OutputTensor("model.embed_tokens.weight", Source.COPY, "model.embed_tokens.weight", (70_000, 100_000),
+                       torch.bfloat16)
+    ctx.plan = dataclasses.replace(ctx.plan, parity_memory="auto")
+    ctx.layout = dataclasses.replace(ctx.layout, tensors=[big])
+    monkeypatch.setattr(parity_stage.psutil, "virtual_memory", lambda: SimpleNamespace(available=20e9))
+    assert parity_stage.choose_parity_mode(ctx) == (
+        "streamed", "auto: the model is 28.00 GB in float32, 20.0 GB of memory is available, so module by module")

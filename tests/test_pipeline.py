@@ -81,6 +81,9 @@ def test_report_and_model_card(tiny, tmp_path):
     assert report["merge"]["lora_modules"] == 4 and report["merge"]["scales"] == [2.0]
     assert all(m["relative_change"] > 0 for m in report["merge"]["per_tensor"])
     assert not any("changes nothing" in n for n in report["notes"])  # said only of an adapter that changes nothing
+    # merged into the base itself: one reference, no second one for --merge-into original
+    assert report["parity_reference"] == "the base + the adapter applied on the fly, float32"
+    assert all(a["parity"].get("vs_training_reference") is None for a in report["artifacts"])
     card = (tmp_path / "out" / "README.md").read_text()
     assert str(adapter) in card and expected in card and "lora_alpha/r" in card
 
@@ -348,3 +351,18 @@ def test_the_output_dtype_is_the_flag_then_the_config_then_the_stored_tensors(tm
     del config["dtype"]
     config_path.write_text(json.dumps(config))
     assert choose_dtype(None, load_base(folder)) == torch.bfloat16
+
+
+def test_the_device_is_cpu_when_asked_or_when_no_gpu_and_anything_else_is_refused(monkeypatch):
+    """--device cpu is the CPU; auto is CUDA only where torch sees one; cuda without one, or another name, is one
+    error naming the flag."""
+    from exporter.stages.load import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("cpu") == torch.device("cpu") and choose_device("auto") == torch.device("cpu")
+    with pytest.raises(ExportError, match="--device cuda"):
+        choose_device("cuda")
+    with pytest.raises(ExportError, match="--device tpu.*not a device"):
+        choose_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda") and choose_device("cuda") == torch.device("cuda")

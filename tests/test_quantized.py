@@ -428,6 +428,22 @@ def test_requantized_output_is_bitsandbytes_of_the_peft_merge(bf16_lora, tmp_pat
     assert artifact["parity"]["passed"], artifact["parity"]["failures"]
     assert report["requantize"][variant]["quantized_tensors"] == 14
 
+    # (d) how much of each weight's change survives, per tensor: ‖deq(Q(W+ΔW)) − deq(Q(W))‖ / ‖ΔW‖, with ΔW from
+    # PEFT's float32 merge and Q(W) what transformers + bitsandbytes make of the base
+    from peft import PeftModel
+
+    quantized_base = _bnb_dequantized(AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=BitsAndBytesConfig(**expected), device_map=RUN_DEVICE))
+    float_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_weights = {n: t.clone() for n, t in float_base.state_dict().items()}
+    merged32 = PeftModel.from_pretrained(float_base, adapter).merge_and_unload().state_dict()
+    survival = {s["tensor"]: s["kept"] for s in report["requantize"][variant]["per_tensor"]}
+    assert set(survival) == {f"{n}.weight" for n in linears}
+    for name in linears:
+        delta = torch.linalg.vector_norm(merged32[f"{name}.weight"] - base_weights[f"{name}.weight"])
+        kept = torch.linalg.vector_norm(ours_deq[name].float() - quantized_base[name].float()) / delta
+        assert survival[f"{name}.weight"] == pytest.approx(float(kept), rel=1e-3), name
+
 
 @pytest.mark.parametrize("variant", ["nf4", "int8"])
 def test_the_quantizer_runs_on_the_device_it_is_given(variant):

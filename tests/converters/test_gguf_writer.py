@@ -249,3 +249,25 @@ def test_phi3_sliding_window_is_written_as_llama_cpps_converter_writes_it(slidin
     hp = hyperparameters(config)
     keys = {key: value for key, _, value in metadata_keys(arch_for(config), hp)}
     assert keys["attention.sliding_window"] == written
+
+
+@pytest.mark.parametrize("low, high", [(2.0, 8.0), (0.5, 4.0)])
+def test_llama3_frequency_factors_follow_transformers_for_other_band_edges(low, high):
+    """The rope_freqs factors (llama.cpp divides each frequency by them) for band edges other than Llama 3's own
+    1 and 4: original/low and original/high bound the smoothed band, as transformers' llama3 rope computes it."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from converters.gguf.arch import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": 64}
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    unscaled = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    hp = config.to_dict()
+    hp["rope_parameters"] = dict(rope)
+    hp.pop("rope_scaling", None)
+    expected = (unscaled / scaled.double()).numpy()
+    assert len(set(np.round(expected, 6))) > 3  # unscaled, fully scaled and smoothed frequencies all occur
+    np.testing.assert_allclose(llama3_rope_factors(hp).double().numpy(), expected, rtol=1e-6)
