@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from exporter.combine import METHODS as COMBINE_METHODS
+from exporter.combine import CombineSpec
 from exporter.context import ExportPlan, parse_size
 from exporter.errors import ExportError
 from exporter.pipeline import run_pipeline
@@ -45,6 +47,16 @@ def format_list(values: tuple[str, ...]) -> tuple[str, ...]:
     """--to given any number of times, each a comma list; duplicates collapse, order kept."""
     items = [item.strip() for value in values for item in value.split(",") if item.strip()]
     return tuple(dict.fromkeys(items)) or ("safetensors",)
+
+
+def parse_weights(text: str | None) -> tuple[float, ...]:
+    """--weights 1.0,0.5 -> (1.0, 0.5); None -> () (1 each)."""
+    if text is None:
+        return ()
+    try:
+        return tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise ExportError(f"--weights {text}", "is not a comma list of numbers.", "write it like 1.0,0.5.") from None
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -101,8 +113,22 @@ def main(verbose: int, quiet: bool) -> None:
 @main.command()
 @once("--base", default=None, help="Base model: a Hugging Face folder, or a Hub id org/name[@revision] (downloaded: "
       "config, tokenizer and the safetensors weights only). [default: the adapter's base_model_name_or_path]")
-@once("--adapter", required=True, help="PEFT adapter: a folder (adapter_config.json + adapter_model.safetensors) "
-      "or a Hub id org/name[@revision].")
+@click.option("--adapter", "adapters", multiple=True, required=True,
+              help="PEFT adapter: a folder (adapter_config.json + adapter_model.safetensors) or a Hub id "
+                   "org/name[@revision]. Repeat it or give a comma list to combine several (with --combine).")
+@once("--combine", type=click.Choice(COMBINE_METHODS), default=None,
+      help="How several adapters become one, by PEFT's add_weighted_adapter names: sum (every adapter's change with "
+           "its weight, exactly: what merge_and_unload(adapter_names=...) merges), cat, linear, svd, ties, ties_svd, "
+           "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")
+@once("--weights", default=None, help="Combining: one weight per adapter, a comma list (default 1 each).")
+@once("--density", type=float, default=None,
+      help="Combining with ties, dare_* or magnitude_prune*: the fraction of values kept (0-1].")
+@once("--majority-sign-method", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+      help="Combining with ties / dare_ties: how the sign of each value is elected.")
+@once("--svd-rank", type=int, default=None, help="Combining with *svd: the new rank. [default: the largest input rank]")
+@once("--svd-clamp", type=float, default=None, help="Combining with *svd: clamp at this quantile (e.g. 0.99).")
+@once("--seed", type=int, default=0, show_default=True,
+      help="Combining with dare_*: the seed of the random masks (PEFT's masks after torch.manual_seed(SEED)).")
 @once("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
 @click.option("--to", "formats", multiple=True,
               help="Export format; repeat it or give a comma list (default safetensors): safetensors (in "
@@ -144,7 +170,9 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--private", is_flag=True, help="Create the pushed repos as private.")
 @once("--revision", "push_revision", default=None, help="Push to this branch (created when missing) instead of main.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request on each pushed repo instead of committing.")
-def run(base: str | None, adapter: str, out: Path, formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
+def run(base: str | None, adapters: tuple[str, ...], combine: str | None, weights: str | None, density: float | None,
+        majority_sign_method: str, svd_rank: int | None, svd_clamp: float | None, seed: int, out: Path,
+        formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
         device: str, parity: str, original_base: str | None, merge_into: str, min_effect_kept: float,
         require_effect_kept: bool, parity_memory: str,
         overwrite: bool, allow_pickle: bool, max_shard_size: str, no_check_finite: bool,
@@ -160,10 +188,22 @@ def run(base: str | None, adapter: str, out: Path, formats: tuple[str, ...], ggu
     lora-export run --base ./Llama-3.2-1B --adapter ./my-lora --out ./onnx --to onnx:fp16
       lora-export run --base meta-llama/Llama-3.2-1B --adapter me/my-lora --out ./m --to safetensors,gguf:q4_k_m
       --push-to me/my-model
+      lora-export run --base ./Llama-3.2-1B --adapter ./task-lora --adapter ./style-lora --combine sum
+      --weights 1.0,0.5 --out ./both
     """
     with reported_errors():
+        adapter_list = [a.strip() for spec in adapters for a in spec.split(",") if a.strip()]
+        spec = None
+        if combine is not None:
+            spec = CombineSpec(combine, parse_weights(weights), density=density,
+                               majority_sign_method=majority_sign_method, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                               seed=seed)
+        elif weights is not None:
+            raise ExportError("--weights", "weighs adapters that are combined, and no --combine was given.",
+                              "pass --combine METHOD, or drop --weights.")
         plan = ExportPlan(
-            base=base, adapter=adapter, out=out.resolve(), formats=format_list(formats),
+            base=base, adapter=adapter_list[0], more_adapters=tuple(adapter_list[1:]), combine=spec,
+            out=out.resolve(), formats=format_list(formats),
             dtype=dtype, device=device, parity=parity == "on", parity_memory=parity_memory, overwrite=overwrite,
             min_effect_kept=min_effect_kept, require_effect_kept=require_effect_kept, original_base=original_base,
             merge_into=merge_into,

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from exporter.combine import METHODS as COMBINE_METHODS
+from exporter.combine import CombineSpec
 from exporter.errors import ExportError
 from exporter.hub import REPO_ID
 
@@ -93,6 +95,12 @@ class ExportPlan:
     private: bool = False  # repos the push creates are private
     push_revision: str | None = None  # the branch pushed to (created from main when missing); None: main
     create_pr: bool = False  # open a pull request instead of committing to the branch
+    more_adapters: tuple[str, ...] = ()  # adapters after the first (folders or Hub ids), combined by ``combine``
+    combine: CombineSpec | None = None  # how the adapters become one (exporter/combine.py); needed for several
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return (self.adapter, *self.more_adapters)
 
     def __post_init__(self) -> None:
         def keep(name: str, value: Any) -> None:  # frozen: normalised values go in through object.__setattr__
@@ -169,6 +177,18 @@ class ExportPlan:
             raise _plan_error("push_to", None, "a Hub repo id when private, push_revision or create_pr is given")
         if self.gguf_pre is not None and not (isinstance(self.gguf_pre, str) and self.gguf_pre):
             raise _plan_error("gguf_pre", self.gguf_pre, "None or a pre-tokenizer name such as 'llama-bpe'")
+        more = (self.more_adapters,) if isinstance(self.more_adapters, (str, Path)) else self.more_adapters
+        if not isinstance(more, (tuple, list)) or not all(isinstance(a, (str, Path)) and str(a) for a in more):
+            raise _plan_error("more_adapters", self.more_adapters, "a tuple of adapter folders or Hub ids")
+        keep("more_adapters", tuple(str(a) for a in more))
+        if self.combine is not None and not isinstance(self.combine, CombineSpec):
+            raise _plan_error("combine", self.combine, "None or an exporter.combine.CombineSpec")
+        if self.more_adapters and self.combine is None:
+            raise ExportError("--adapter", f"{len(self.adapters)} adapters were given, and a merged model needs a way "
+                              "to combine them.", f"pass --combine METHOD (one of {', '.join(COMBINE_METHODS)}; sum "
+                              "adds every adapter's change with its --weights).")
+        if self.combine is not None:
+            self.combine.check(len(self.adapters))
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
@@ -238,7 +258,8 @@ class Context:
     read them; the runner owns staging, timings and the final report.
 
     load:        formats (each request with what its format's pre-flight prepared), base, original_base, merge_base,
-                 adapter, device, out_dtype, layout, config_updates, merged_config, model_files, tokenizer_dir,
+                 adapter, combination, reference_adapters, device, out_dtype, layout, config_updates, merged_config,
+                 model_files, tokenizer_dir,
                  tokenizer_json (dropped once the formats have read it), base_hashes, inputs
     dequantize:  dequantized (what a bitsandbytes base was presented as)
     merge:       merge (a MergeStream: the merge itself, pulled once by the export stage's writers)
@@ -254,7 +275,11 @@ class Context:
     base: BaseModel | None = None
     original_base: BaseModel | None = None  # --original-base: the full-precision model a quantized base came from
     merge_base: BaseModel | None = None  # --merge-into original: the weights merged into, when not the base's own
-    adapter: Adapter | None = None
+    adapter: Adapter | None = None  # several adapters: the one they were combined into (exporter/combine.py)
+    combination: dict[str, Any] | None = None  # several adapters: the method, weights, parameters, new rank
+    # What parity applies on the fly as the reference: (adapter folder, weight) each, the adapter itself by default;
+    # for sum and cat every input adapter with its weight, for the other methods the combined adapter as a folder.
+    reference_adapters: list[tuple[Path, float]] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     out_dtype: torch.dtype | None = None
     layout: MergeLayout | None = None

@@ -21,6 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from exporter.combine import COMBINED_ADAPTER_DIR
 from exporter.context import Context, ExportPlan
 from exporter.errors import ExportError, FileSystemError, OutputError, ParityError
 from exporter.registry import Registry
@@ -229,8 +230,10 @@ def _build(ctx: Context, stages: list[Stage]) -> None:
             ctx.timings["merge"] = ctx.timings.get("merge", 0.0) + ctx.merge.seconds
             ctx.timings["export"] -= ctx.merge.seconds
         failed = [a for a in ctx.artifacts if a.parity is not None and not a.parity.passed]
-        if ctx.model_files is not None:
-            shutil.rmtree(ctx.model_files, ignore_errors=True)  # the formats' shared input, not an output
+        # The formats' shared input and the combined adapter parity read: inputs, not outputs
+        for scratch in (ctx.model_files, ctx.staging / COMBINED_ADAPTER_DIR):
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         ctx.report = write_run_outputs(ctx)
         if failed and not plan.accept_parity_failure:
             # Keep the figures for the user, outside the (discarded) output.

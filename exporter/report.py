@@ -37,8 +37,8 @@ _NOT_BUILD = ("out", "overwrite", "progress", "push_to", "private", "push_revisi
 def request_fingerprint(plan: Any) -> dict[str, Any]:
     """What was asked to be built, as report.json keeps it: the same command run again (say, to resume a push that
     died midway) finds the output it already built and does not rebuild it."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(plan).items()
-            if k not in _NOT_BUILD}
+    asked = {k: v for k, v in dataclasses.asdict(plan).items() if k not in _NOT_BUILD}
+    return json.loads(json.dumps(asked, default=str))  # as report.json reads back: tuples nested in combine are lists
 
 
 def build_report(ctx: Any) -> dict[str, Any]:
@@ -55,6 +55,7 @@ def build_report(ctx: Any) -> dict[str, Any]:
         "device": str(ctx.device),
         "config_updates": ctx.config_updates,
         "notes": ctx.notes,
+        "combination": ctx.combination,
         "merge": _merge_summary(ctx),
         "artifacts": [
             {"format": a.format, "variant": a.variant, "path": str(a.path),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,23 +162,27 @@ class BaseModelTensors:
         return lambda: self.base.tensor(name).to(torch.float32)
 
 
-def load_reference(base_path: Path, adapter_dir: Path | None, device: torch.device, allow_pickle: bool = False, *,
-                   mode: str = "whole", base_tensors: Any = None, on_module: Callable[[], None] | None = None,
-                   model: nn.Module | None = None) -> nn.Module:
-    """Base (float32) + adapter applied on the fly (``adapter_dir`` None: the base alone), weights loaded ``mode`` =
-    "whole" or "streamed". The base's weights come from its safetensors checkpoint (read with the safetensors
-    library), or from ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). ``model``: skeleton(base_path),
-    when the caller has built it already. Never trusts remote code."""
+def load_reference(base_path: Path, adapters: Path | Sequence[tuple[Path, float]] | None, device: torch.device,
+                   allow_pickle: bool = False, *, mode: str = "whole", base_tensors: Any = None,
+                   on_module: Callable[[], None] | None = None, model: nn.Module | None = None) -> nn.Module:
+    """Base (float32) + adapters applied on the fly (``adapters``: one adapter folder, or (folder, weight) pairs whose
+    changes add up, each scaled by its weight; None: the base alone), weights loaded ``mode`` = "whole" or
+    "streamed". The base's weights come from its safetensors checkpoint (read with the safetensors library), or from
+    ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). ``model``: skeleton(base_path), when the caller
+    has built it already. Never trusts remote code."""
     model = model if model is not None else skeleton(Path(base_path))
     sources = checkpoint_sources(model, base_tensors if base_tensors is not None
                                  else CheckpointTensors(Path(base_path)))
-    if adapter_dir is not None:
+    if isinstance(adapters, (str, Path)):
+        adapters = [(Path(adapters), 1.0)]
+    for adapter_dir, weight in adapters or ():
         terms = read_adapter_terms(Path(adapter_dir), allow_pickle)
         for tensor_name, key in terms.replaced.items():
             set_meta_parameter(model, tensor_name, terms.shape(key))
             sources[tensor_name] = lambda key=key: terms.get(key)
         model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
         for module_name, term in terms.lora.items():
+            term["scale"] *= weight  # each hook adds its own change: several adapters sum
             module = model.get_submodule(module_name)
             if term["embedding"]:
                 module.register_forward_hook(_embedding_hook(term, terms))

@@ -73,11 +73,18 @@ class LoadStage:
     def run(self, ctx: Context) -> None:
         plan = ctx.plan
         ctx.formats = parse_formats(plan.formats)  # a typo in --to costs nothing
-        adapter_dir, adapter_hub = fetch_adapter(plan.adapter, plan.allow_pickle, plan.progress)
-        ctx.adapter = load_adapter(adapter_dir, allow_pickle=plan.allow_pickle)
+        adapters, adapter_hubs = [], []
+        for spec in plan.adapters:
+            adapter_dir, adapter_hub = fetch_adapter(spec, plan.allow_pickle, plan.progress)
+            adapters.append(load_adapter(adapter_dir, allow_pickle=plan.allow_pickle))
+            adapter_hubs.append(adapter_hub)
+        ctx.adapter, adapter_hub = adapters[0], adapter_hubs[0]
         base_dir, base_hub = fetch_base(self._base_spec(ctx), plan.progress)
         ctx.base = load_base(base_dir)
         refuse_quantized_conv1d(ctx.base)
+        ctx.reference_adapters = [(ctx.adapter.path, 1.0)]
+        if plan.combine is not None:
+            self._combine(ctx, adapters)
         ctx.device = choose_device(plan.device)
         ctx.out_dtype = choose_dtype(plan.dtype, ctx.base)
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
@@ -85,7 +92,8 @@ class LoadStage:
         ctx.config_updates.update(layout.config_updates)
         for note in layout.notes:
             ctx.note(note)
-        adapter_sha256 = {ctx.adapter.weights_file.name: sha256_file(ctx.adapter.weights_file)}
+        adapter_sha256 = {(a.weights_file.name if len(adapters) == 1 else f"{a.path.name}/{a.weights_file.name}"):
+                          sha256_file(a.weights_file) for a in adapters}
         self._check_tokenizer(ctx)
         original = self._original_base(ctx)
         ctx.merged_config = merged_config(ctx.base.config, ctx.config_updates, ctx.out_dtype)
@@ -112,6 +120,27 @@ class LoadStage:
         log.info("base %s: %d tensors in %d file(s); adapter: %d LoRA modules, %d replacements; out dtype %s on %s",
                  ctx.base.path, len(ctx.base.tensors), len(ctx.base.files), len(ctx.adapter.modules),
                  len(ctx.adapter.replacements), ctx.out_dtype, ctx.device)
+
+    @staticmethod
+    def _combine(ctx: Context, adapters: list) -> None:
+        """Several adapters made into one (exporter/combine.py), which the rest of the run merges as it would a single
+        adapter. The combined adapter is also written as a PEFT folder in staging: for every method but sum and cat it
+        is what parity applies on the fly (PEFT's definition of the method); sum and cat are checked against every
+        input adapter applied on the fly with its weight, which shares no code with the combination."""
+        from exporter.combine import COMBINED_ADAPTER_DIR, RANDOM, combine_adapters, write_peft_adapter
+        from exporter.parity.layerwise import skeleton
+
+        spec = ctx.plan.combine
+        # DARE draws its masks in the model's module order, as PEFT does
+        order = [name for name, _ in skeleton(ctx.base.path).named_modules()] if spec.method in RANDOM else None
+        ctx.adapter, ctx.combination = combine_adapters(adapters, spec, order)
+        folder = write_peft_adapter(ctx.adapter, ctx.combination["rank"], ctx.staging / COMBINED_ADAPTER_DIR)
+        if spec.method in ("sum", "cat"):
+            ctx.reference_adapters = [(a.path, w) for a, w in zip(adapters, spec.resolved_weights(len(adapters)))]
+        else:
+            ctx.reference_adapters = [(folder, 1.0)]
+        log.info("%d adapters combined by %s into one of rank %d", len(adapters), spec.method,
+                 ctx.combination["rank"])
 
     @staticmethod
     def _base_spec(ctx: Context) -> str:

@@ -54,6 +54,16 @@ def _tolerance(ctx: Context, fmt: str, variant: str) -> Tolerance:
     return dataclasses.replace(tol, **overrides) if overrides else tol
 
 
+def _applied(ctx: Context) -> str:
+    """The adapter part of the reference, in words."""
+    if ctx.combination is None:
+        return "the adapter"
+    if ctx.combination["method"] in ("sum", "cat"):
+        method, count = ctx.combination["method"], len(ctx.combination["adapters"])
+        return f"every adapter ({method} of {count}, each with its weight)"
+    return f"the combined adapter ({ctx.combination['method']}, PEFT's definition)"
+
+
 def choose_parity_mode(ctx: Context) -> tuple[str, str]:
     """whole or streamed, and why: "auto" runs whole-model when the model in float32 fits comfortably in the memory
     available now (faster), module by module otherwise."""
@@ -135,7 +145,7 @@ class ParityStage:
             model = skeleton(base.path)  # parameters on meta: costs no memory
             desc = "parity reference" if with_adapter else "parity base"
             with progress(ctx, desc, count_weighted_modules(model)) as bar:
-                model = load_reference(base.path, ctx.adapter.path if with_adapter else None, ctx.device,
+                model = load_reference(base.path, ctx.reference_adapters if with_adapter else None, ctx.device,
                                        ctx.plan.allow_pickle, mode=ctx.parity_mode,
                                        base_tensors=BaseModelTensors(base) if quantized else None,
                                        on_module=bar.update, model=model)
@@ -168,7 +178,7 @@ class ParityStage:
         probes, ref_logits = self._model_logits(ctx, tok, with_adapter=True)
         described = ("the base" + (f" dequantized from {ctx.dequantized['type']} (what QLoRA training computed with)"
                                    if ctx.base.quantization is not None else "")
-                     + " + the adapter applied on the fly, float32")
+                     + f" + {_applied(ctx)} applied on the fly, float32")
         training_logits = None
         if ctx.merge_base is not None:
             # Merged into the original full-precision weights: judged against original + adapter, and the distance
