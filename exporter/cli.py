@@ -117,9 +117,15 @@ def main(verbose: int, quiet: bool) -> None:
               help="PEFT adapter: a folder (adapter_config.json + adapter_model.safetensors) or a Hub id "
                    "org/name[@revision]. Repeat it or give a comma list to combine several (with --combine).")
 @once("--combine", type=click.Choice(COMBINE_METHODS), default=None,
-      help="How several adapters become one, by PEFT's add_weighted_adapter names: sum (every adapter's change with "
-           "its weight, exactly: what merge_and_unload(adapter_names=...) merges), cat, linear, svd, ties, ties_svd, "
-           "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")
+      help="How several adapters become one. Adapter space (PEFT's add_weighted_adapter, by its names): sum (every "
+           "adapter's change with its weight, exactly: what merge_and_unload(adapter_names=...) merges), cat, linear, "
+           "svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
+           "magnitude_prune_svd. Delta space (mergekit's, on each full change; --combine-space delta): "
+           "task_arithmetic, ties, dare_linear, dare_ties.")
+@once("--combine-space", type=click.Choice(["adapter", "delta"]), default=None,
+      help="Which family --combine names: adapter (PEFT's methods on the LoRA factors) or delta (mergekit's on the "
+           "full deltas, as if every adapter were first merged into a model). [default: delta for task_arithmetic, "
+           "else adapter]")
 @once("--weights", default=None, help="Combining: one weight per adapter, a comma list (default 1 each).")
 @once("--density", type=float, default=None,
       help="Combining with ties, dare_* or magnitude_prune*: the fraction of values kept (0-1].")
@@ -128,7 +134,8 @@ def main(verbose: int, quiet: bool) -> None:
 @once("--svd-rank", type=int, default=None, help="Combining with *svd: the new rank. [default: the largest input rank]")
 @once("--svd-clamp", type=float, default=None, help="Combining with *svd: clamp at this quantile (e.g. 0.99).")
 @once("--seed", type=int, default=0, show_default=True,
-      help="Combining with dare_*: the seed of the random masks (PEFT's masks after torch.manual_seed(SEED)).")
+      help="Combining with dare_*: the seed of the random masks (in adapter space, PEFT's masks after "
+           "torch.manual_seed(SEED)).")
 @once("--out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist or be empty).")
 @click.option("--to", "formats", multiple=True,
               help="Export format; repeat it or give a comma list (default safetensors): safetensors (in "
@@ -170,7 +177,8 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--private", is_flag=True, help="Create the pushed repos as private.")
 @once("--revision", "push_revision", default=None, help="Push to this branch (created when missing) instead of main.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request on each pushed repo instead of committing.")
-def run(base: str | None, adapters: tuple[str, ...], combine: str | None, weights: str | None, density: float | None,
+def run(base: str | None, adapters: tuple[str, ...], combine: str | None, combine_space: str | None,
+        weights: str | None, density: float | None,
         majority_sign_method: str, svd_rank: int | None, svd_clamp: float | None, seed: int, out: Path,
         formats: tuple[str, ...], gguf_pre: str | None, dtype: str | None,
         device: str, parity: str, original_base: str | None, merge_into: str, min_effect_kept: float,
@@ -190,6 +198,8 @@ def run(base: str | None, adapters: tuple[str, ...], combine: str | None, weight
       --push-to me/my-model
       lora-export run --base ./Llama-3.2-1B --adapter ./task-lora --adapter ./style-lora --combine sum
       --weights 1.0,0.5 --out ./both
+      lora-export run --base ./Llama-3.2-1B --adapter ./a,./b,./c --combine ties --combine-space delta
+      --density 0.5 --out ./ties
     """
     with reported_errors():
         adapter_list = [a.strip() for spec in adapters for a in spec.split(",") if a.strip()]
@@ -197,10 +207,11 @@ def run(base: str | None, adapters: tuple[str, ...], combine: str | None, weight
         if combine is not None:
             spec = CombineSpec(combine, parse_weights(weights), density=density,
                                majority_sign_method=majority_sign_method, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                               seed=seed)
-        elif weights is not None:
-            raise ExportError("--weights", "weighs adapters that are combined, and no --combine was given.",
-                              "pass --combine METHOD, or drop --weights.")
+                               seed=seed, space=combine_space)
+        elif weights is not None or combine_space is not None:
+            flag = "--weights" if weights is not None else "--combine-space"
+            raise ExportError(flag, "is about combining adapters, and no --combine was given.",
+                              f"pass --combine METHOD, or drop {flag}.")
         plan = ExportPlan(
             base=base, adapter=adapter_list[0], more_adapters=tuple(adapter_list[1:]), combine=spec,
             out=out.resolve(), formats=format_list(formats),

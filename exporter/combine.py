@@ -19,6 +19,10 @@ rsLoRA, as PEFT's own combined adapter has). DARE's random masks are drawn from 
 module by module in the model's module order, A's then B's, adapter by adapter: PEFT's order, so
 ``torch.manual_seed(seed)`` before PEFT's ``add_weighted_adapter`` gives the same masks.
 
+``--combine-space delta`` (DeltaCombination, at the end of this file) is the other family: mergekit's task-vector
+merges (task_arithmetic, ties, dare_linear, dare_ties) on each module's full ΔWᵢ, computed tensor by tensor during the
+merge. Its result has no adapter form (it is full rank), so it is merged, never written as an adapter.
+
 Not combined (one clear error each): DoRA adapters, modules_to_save / saved base layers, lora_bias, adapters that name
 different base models, an adapted module whose kind or shape differs between adapters.
 """
@@ -39,10 +43,14 @@ from exporter.errors import InputError
 # PEFT's combination types, plus "sum".
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-METHODS = ("sum", "cat", *FACTOR_METHODS, *SVD_METHODS)
+ADAPTER_METHODS = ("sum", "cat", *FACTOR_METHODS, *SVD_METHODS)
+# mergekit's task-vector merges, on the full change each adapter makes to a weight (--combine-space delta).
+DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = (*ADAPTER_METHODS, "task_arithmetic")  # every name --combine takes
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd",
                  "dare_ties_svd", "magnitude_prune_svd")
 RANDOM = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
+SPACES = ("adapter", "delta")
 # Where a run keeps the combined adapter as a PEFT folder (inside its staging folder; not an output)
 COMBINED_ADAPTER_DIR = ".combined-adapter"
 
@@ -59,12 +67,32 @@ class CombineSpec:
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
     seed: int = 0
+    # "adapter": PEFT's methods on the LoRA factors (the combined model is again an adapter); "delta": mergekit's on
+    # each full ΔW. None: delta for task_arithmetic (it exists only there), adapter for the rest.
+    space: str | None = None
+
+    @property
+    def in_delta_space(self) -> bool:
+        return self.space == "delta" or (self.space is None and self.method == "task_arithmetic")
 
     def check(self, n_adapters: int) -> None:
         """Bad parameters, named by their flags, before anything is read."""
         if self.method not in METHODS:
             raise InputError(f"--combine {self.method}", "is not a combination method.",
                              f"use one of {', '.join(METHODS)}.")
+        if self.space is not None and self.space not in SPACES:
+            raise InputError(f"--combine-space {self.space}", "is not a space.", "use adapter or delta.")
+        if self.in_delta_space and self.method not in DELTA_METHODS:
+            raise InputError(f"--combine {self.method} --combine-space delta", "is not a delta-space method.",
+                             f"use one of {', '.join(DELTA_METHODS)} (mergekit's), or --combine-space adapter.")
+        if self.in_delta_space and self.majority_sign_method != "total":
+            raise InputError(f"--majority-sign-method {self.majority_sign_method}", "is an adapter-space option: "
+                             "mergekit's ties and dare_ties elect signs by the total only.",
+                             "drop it, or combine with --combine-space adapter.")
+        if self.space == "adapter" and self.method not in ADAPTER_METHODS:
+            raise InputError(f"--combine {self.method} --combine-space adapter", "is not an adapter-space method: "
+                             "task arithmetic works on the full deltas.",
+                             "pass --combine-space delta, or --combine sum (the same sum, kept low-rank).")
         if self.weights and len(self.weights) != n_adapters:
             raise InputError(f"--weights {','.join(f'{w:g}' for w in self.weights)}",
                              f"gives {len(self.weights)} weights for {n_adapters} adapters.",
@@ -86,9 +114,12 @@ class CombineSpec:
             raise InputError(f"--svd-clamp {self.svd_clamp:g}", "is a quantile and must be in (0, 1].",
                              "pass e.g. 0.99.")
 
-    def report(self, adapters: Sequence[Adapter], new_rank: int) -> dict[str, Any]:
-        facts: dict[str, Any] = {"method": self.method, "adapters": [str(a.path) for a in adapters],
+    def report(self, adapters: Sequence[Adapter], new_rank: int | None) -> dict[str, Any]:
+        facts: dict[str, Any] = {"method": self.method, "space": "delta" if self.in_delta_space else "adapter",
+                                 "adapters": [str(a.path) for a in adapters],
                                  "weights": list(self.resolved_weights(len(adapters))), "rank": new_rank}
+        if self.in_delta_space:
+            facts.update(_DELTA_DEFAULTS[self.method])
         if self.method in NEEDS_DENSITY:
             facts["density"] = self.density
         if self.method in ("ties", "dare_ties", "ties_svd", "dare_ties_svd"):
@@ -221,7 +252,7 @@ def combine_adapters(adapters: Sequence[Adapter], spec: CombineSpec,
     scale = compute_scale(float(rank), rank, use_rslora)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, LoraModule] = {}
-    sparsity: list[dict[str, Any]] = []
+    sparsity: dict[str, dict[str, float]] = {}
     combined_modules = _modules(adapters, module_order)
     generator = None
     if spec.method in RANDOM:
@@ -237,8 +268,7 @@ def combine_adapters(adapters: Sequence[Adapter], spec: CombineSpec,
         modules[name] = LoraModule(name=name, kind=kind, rank=a.shape[0], alpha=float(rank), scale=scale,
                                    a_key=a_key, b_key=b_key)
         if spec.method in NEEDS_DENSITY:
-            sparsity.append({"module": name, "zero_fraction_a": float((a == 0).double().mean()),
-                             "zero_fraction_b": float((b == 0).double().mean())})
+            sparsity[name] = {"lora_A": float((a == 0).double().mean()), "lora_B": float((b == 0).double().mean())}
     first = adapters[0]
     targets = sorted({t for a in adapters for t in (a.config.get("target_modules") or [])
                       if isinstance(a.config.get("target_modules"), list)}) or first.config.get("target_modules")
@@ -334,4 +364,124 @@ def write_peft_adapter(adapter: Adapter, rank: int, folder: Path) -> Path:
     return folder
 
 
-__all__ = ["METHODS", "CombineSpec", "combine_adapters", "new_rank", "write_peft_adapter"]
+
+
+
+# -- mergekit's task-vector merges, on full deltas (--combine-space delta) ------------------------------------------
+# mergekit 0.1.5's defaults per method (merge_methods/registry.py): the pruning, the sign election, whether the sum is
+# divided by the weights that agree (normalize), and whether DARE rescales what it keeps to the pruned delta's L1 norm.
+_DELTA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"prune": None, "consensus": False, "normalize": False, "rescale": False},
+    "ties": {"prune": "magnitude", "consensus": True, "normalize": True, "rescale": False},
+    "dare_linear": {"prune": "random", "consensus": False, "normalize": False, "rescale": True},
+    "dare_ties": {"prune": "random", "consensus": True, "normalize": False, "rescale": True},
+}
+
+
+def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The k = max(1, ⌊density·n⌋) largest |values| kept (mergekit's magnitude sparsification). The threshold comes
+    from kthvalue, O(n), not a sort of the whole tensor; values equal to it are kept first by position."""
+    flat = delta.abs().reshape(-1)
+    n = flat.numel()
+    k = max(1, int(density * n))
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(flat == threshold).nonzero().reshape(-1)[:missing]] = True
+    return keep.reshape(delta.shape)
+
+
+class DeltaCombination:
+    """Several adapters combined on each module's full change ΔWᵢ = sᵢ·BᵢAᵢ, by mergekit's definitions
+    (merge_methods/generalized_task_arithmetic.py and sparsify.py in mergekit 0.1.5), without building a merged model
+    per adapter: for adapter i with weight wᵢ, cᵢ = wᵢ·prune(ΔWᵢ), and
+
+      * task_arithmetic:  ΔW = Σ cᵢ
+      * dare_linear:      prune keeps each value with probability ``density`` and rescales what it keeps to ΔWᵢ's L1
+                          norm; ΔW = Σ cᵢ
+      * ties:             prune keeps the ``density`` largest |values|; each value's sign is elected, sign(Σ cᵢ) (≥ 0
+                          counts as +), and ΔW = Σ cᵢ·[sign cᵢ = elected] / Σ wᵢ·[sign cᵢ = elected] (divided by 1
+                          where no adapter agrees)
+      * dare_ties:        DARE's pruning, then TIES' election, not divided.
+
+    A module an adapter lacks contributes nothing (as a merged model equal to the base there would). ``delta(name)``
+    computes one module's ΔW in float32 from the adapters' tensors: memory is a few tensors of that size, whatever
+    the number of adapters (the methods that elect signs go over the adapters twice rather than keep them all).
+    DARE's mask for (module, adapter) comes from a generator seeded by (seed, module, adapter index), so the merge
+    and the parity reference draw the same masks, in any order, and a run is reproducible."""
+
+    def __init__(self, adapters: Sequence[Adapter], spec: CombineSpec) -> None:
+        spec.check(len(adapters))
+        _refuse_unsupported(adapters)
+        self.adapters, self.spec = list(adapters), spec
+        self.weights = spec.resolved_weights(len(adapters))
+        self.modules = _modules(adapters, None)
+        self.rules = _DELTA_DEFAULTS[spec.method]
+        self.zero_fraction: dict[str, dict[str, float]] = {}  # module -> {"delta": fraction of zeros in its ΔW}
+
+    def report(self) -> dict[str, Any]:
+        facts = self.spec.report(self.adapters, None)
+        if self.rules["prune"] is not None:
+            # filled as the merge computes each module: the report is written after it
+            facts["per_module_sparsity"] = self.zero_fraction
+        return facts
+
+    def _contribution(self, name: str, i: int, module: LoraModule, device: torch.device) -> torch.Tensor:
+        """cᵢ = wᵢ·prune(sᵢ·BᵢAᵢ) for one module, in the model's frame (an embedding's ΔW is (B@A)ᵀ, as PEFT's)."""
+        adapter = self.adapters[i]
+        a = adapter.tensor(module.a_key).to(device=device, dtype=torch.float32)
+        b = adapter.tensor(module.b_key).to(device=device, dtype=torch.float32)
+        delta = (b @ a).mul_(module.scale)
+        if module.kind == "embedding":
+            delta = delta.T.contiguous()
+        density = self.spec.density
+        if self.rules["prune"] == "magnitude" and density < 1:
+            delta.mul_(_magnitude_mask(delta, density))
+        elif self.rules["prune"] == "random" and density < 1:
+            generator = torch.Generator(device=device).manual_seed(_mask_seed(self.spec.seed, name, i))
+            l1_before = float(delta.abs().sum())
+            delta.mul_(torch.bernoulli(torch.full_like(delta, density), generator=generator))
+            l1_after = float(delta.abs().sum())
+            if self.rules["rescale"] and l1_before >= 1e-7 and l1_after >= 1e-7:  # mergekit's eps
+                delta.mul_(l1_before / l1_after)
+        return delta.mul_(self.weights[i])
+
+    def delta(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The combined ΔW of module ``name`` (a Linear's (out, in), an embedding's (vocab, dim)), float32."""
+        device = torch.device(device)
+        present = self.modules[name].present
+        total: torch.Tensor | None = None
+        for i, module in present:
+            c = self._contribution(name, i, module, device)
+            total = c if total is None else total.add_(c)
+        assert total is not None
+        if self.rules["consensus"]:
+            # the elected sign of each value, then a second pass over the adapters (recomputed, not kept)
+            elected = torch.where(total >= 0, 1.0, -1.0)
+            del total
+            mixed = torch.zeros_like(elected)
+            divisor = torch.zeros_like(elected)
+            for i, module in present:
+                c = self._contribution(name, i, module, device)
+                agree = c.sign() == elected
+                mixed.add_(c.mul_(agree))
+                divisor.add_(agree.to(torch.float32).mul_(self.weights[i]))
+            if self.rules["normalize"]:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+            total = mixed
+        if self.rules["prune"] is not None:
+            self.zero_fraction[name] = {"delta": float((total == 0).double().mean())}
+        return total
+
+
+def _mask_seed(seed: int, module: str, index: int) -> int:
+    """A 63-bit seed for one (module, adapter) DARE mask, the same in every process (unlike Python's hash())."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{module}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+__all__ = ["DELTA_METHODS", "METHODS", "CombineSpec", "DeltaCombination", "combine_adapters", "new_rank",
+           "write_peft_adapter"]

@@ -14,6 +14,9 @@ import torch
 
 from exporter.combine import METHODS as COMBINE_METHODS
 from exporter.combine import CombineSpec
+
+# Formats whose output is an adapter, not a merged model (a delta-space combination has no adapter form)
+ADAPTER_FORMATS = ("gguf-lora", "peft")
 from exporter.errors import ExportError
 from exporter.hub import REPO_ID
 
@@ -189,6 +192,11 @@ class ExportPlan:
                               "adds every adapter's change with its --weights).")
         if self.combine is not None:
             self.combine.check(len(self.adapters))
+            kept_as_adapter = [f for f in self.formats if f.split(":")[0] in ADAPTER_FORMATS]
+            if self.combine.in_delta_space and kept_as_adapter:
+                raise ExportError(f"--to {kept_as_adapter[0]}", f"writes an adapter, and --combine {self.combine.method}"
+                                  " in delta space makes full-rank changes that no adapter holds.",
+                                  "drop it from --to, or combine in adapter space (PEFT's methods, or sum).")
 
     def stage_names(self) -> tuple[str, ...]:
         if self.stages is not None:
@@ -258,8 +266,8 @@ class Context:
     read them; the runner owns staging, timings and the final report.
 
     load:        formats (each request with what its format's pre-flight prepared), base, original_base, merge_base,
-                 adapter, combination, reference_adapters, device, out_dtype, layout, config_updates, merged_config,
-                 model_files, tokenizer_dir,
+                 adapter, combination, reference_adapters, combined_deltas, device, out_dtype, layout, config_updates,
+                 merged_config, model_files, tokenizer_dir,
                  tokenizer_json (dropped once the formats have read it), base_hashes, inputs
     dequantize:  dequantized (what a bitsandbytes base was presented as)
     merge:       merge (a MergeStream: the merge itself, pulled once by the export stage's writers)
@@ -280,6 +288,9 @@ class Context:
     # What parity applies on the fly as the reference: (adapter folder, weight) each, the adapter itself by default;
     # for sum and cat every input adapter with its weight, for the other methods the combined adapter as a folder.
     reference_adapters: list[tuple[Path, float]] = field(default_factory=list)
+    # --combine-space delta: the exporter.combine.DeltaCombination the merge and the reference take each ΔW from (the
+    # adapter above is then only the union of the adapted modules, for the layout)
+    combined_deltas: Any = None
     device: torch.device = torch.device("cpu")
     out_dtype: torch.dtype | None = None
     layout: MergeLayout | None = None

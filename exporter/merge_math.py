@@ -13,7 +13,7 @@ same blocks to its own type, once. ``merge_lora`` assembles the blocks into one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +142,37 @@ class LoraMerge:
             delta_norm = float(torch.linalg.vector_norm(w - source.to(torch.float32)))
         else:
             delta_norm = self._delta_norm()
+        if self.check_finite:
+            _finite_or_raise(w, self.name, "the merged tensor")
+        w = w.cpu()
+        for start in range(0, w.shape[0], rows_per_block):
+            stop = min(start + rows_per_block, w.shape[0])
+            yield start, stop, w[start:stop]
+        self.relative_change = delta_norm / base_norm if base_norm > 0 else delta_norm
+
+
+class DeltaMerge:
+    """A whole change ΔW (several adapters already combined, exporter/combine.py's DeltaCombination) added to one
+    stored weight: W' = W + ΔW in float32, handed on in row blocks as LoraMerge.rows hands them. ``delta`` is called
+    once, when the rows are asked for, and is in the frame of a Linear's (out, in) weight; ``transposed`` for weights
+    stored (in, out) (GPT-2's Conv1D)."""
+
+    def __init__(self, weight: torch.Tensor, delta: Callable[[], torch.Tensor], *, name: str,
+                 transposed: bool = False, check_finite: bool = True) -> None:
+        self.weight, self.delta, self.name = weight, delta, name
+        self.transposed, self.check_finite = transposed, check_finite
+        self.relative_change = float("nan")
+
+    def rows(self, rows_per_block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        delta = self.delta()
+        delta = delta.T if self.transposed else delta
+        if tuple(delta.shape) != tuple(self.weight.shape):
+            raise ValueError(f"{self.name}: base {tuple(self.weight.shape)} does not fit ΔW {tuple(delta.shape)}")
+        w = self.weight.to(device=delta.device, dtype=torch.float32, copy=True)
+        base_norm = float(torch.linalg.vector_norm(w))
+        delta_norm = float(torch.linalg.vector_norm(delta))
+        w.add_(delta)
+        del delta
         if self.check_finite:
             _finite_or_raise(w, self.name, "the merged tensor")
         w = w.cpu()

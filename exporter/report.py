@@ -17,7 +17,7 @@ VERSION = "0.1.0"
 def _merge_summary(ctx: Any) -> dict[str, Any]:
     merged = ctx.merge.statistics() if ctx.merge is not None else []
     adapter = ctx.adapter
-    scales = sorted({round(m["scale"], 8) for m in merged})
+    scales = sorted({round(m["scale"], 8) for m in merged if m["scale"] is not None})
     return {
         "lora_modules": len(merged),
         "replaced_tensors": sorted(adapter.replacements) if adapter else [],

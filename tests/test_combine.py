@@ -16,12 +16,12 @@ from click.testing import CliRunner
 
 from conftest import build_bf16_llama, build_peft_adapter, load_output, train_adapter
 from exporter.cli import main
-from exporter.combine import METHODS, CombineSpec
+from exporter.combine import ADAPTER_METHODS, METHODS, CombineSpec
 from exporter.context import ExportPlan
 from exporter.errors import ExportError
 from exporter.pipeline import run_pipeline
 
-PEFT_METHODS = [m for m in METHODS if m != "sum"]
+PEFT_METHODS = [m for m in ADAPTER_METHODS if m != "sum"]
 EQUAL_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd", "dare_ties_svd",
            "magnitude_prune_svd")

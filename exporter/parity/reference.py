@@ -148,6 +148,17 @@ def _embedding_hook(term: dict[str, Any], terms: AdapterTerms) -> Any:
     return hook
 
 
+def _embedding_delta_hook(name: str, deltas: Any) -> Any:
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        delta = F.embedding(args[0], deltas.delta(name))  # ΔW is (vocab, dim), in the embedding's own frame
+        scale = getattr(mod, "embed_scale", None)
+        if scale is not None:
+            delta = delta * scale.to(torch.float32)
+        return (output.to(torch.float32) + delta).to(output.dtype)
+
+    return hook
+
+
 class BaseModelTensors:
     """A base's tensors as exporter/base.py presents them (a bitsandbytes base: dequantized), for the reference of a
     quantized base: what QLoRA training computed with."""
@@ -164,12 +175,14 @@ class BaseModelTensors:
 
 def load_reference(base_path: Path, adapters: Path | Sequence[tuple[Path, float]] | None, device: torch.device,
                    allow_pickle: bool = False, *, mode: str = "whole", base_tensors: Any = None,
-                   on_module: Callable[[], None] | None = None, model: nn.Module | None = None) -> nn.Module:
+                   on_module: Callable[[], None] | None = None, model: nn.Module | None = None,
+                   deltas: Any = None) -> nn.Module:
     """Base (float32) + adapters applied on the fly (``adapters``: one adapter folder, or (folder, weight) pairs whose
     changes add up, each scaled by its weight; None: the base alone), weights loaded ``mode`` = "whole" or
     "streamed". The base's weights come from its safetensors checkpoint (read with the safetensors library), or from
     ``base_tensors`` (e.g. BaseModelTensors of a dequantized base). ``model``: skeleton(base_path), when the caller
-    has built it already. Never trusts remote code."""
+    has built it already. ``deltas``: a delta-space combination (exporter/combine.py's DeltaCombination) whose ΔW
+    each adapted weight gets as it is loaded (an embedding's, as its output). Never trusts remote code."""
     model = model if model is not None else skeleton(Path(base_path))
     sources = checkpoint_sources(model, base_tensors if base_tensors is not None
                                  else CheckpointTensors(Path(base_path)))
@@ -188,5 +201,19 @@ def load_reference(base_path: Path, adapters: Path | Sequence[tuple[Path, float]
                 module.register_forward_hook(_embedding_hook(term, terms))
             else:
                 module.register_forward_hook(_linear_hook(term, terms, type(module).__name__ == "Conv1D"))
+    if deltas is not None:
+        for module_name in deltas.modules:
+            module = model.get_submodule(module_name)
+            if isinstance(module, nn.Embedding):  # a hook, not the weight: a tied output head keeps the base's
+                module.register_forward_hook(_embedding_delta_hook(module_name, deltas))
+                continue
+            weight, conv1d = f"{module_name}.weight", type(module).__name__ == "Conv1D"
+
+            def merged(read: Callable[[], torch.Tensor] = sources[weight], name: str = module_name,
+                       conv1d: bool = conv1d) -> torch.Tensor:
+                delta = deltas.delta(name)
+                return read().to(torch.float32) + (delta.T if conv1d else delta)
+
+            sources[weight] = merged
     LoadedWeights(model, sources, mode, device, on_module)  # after the LoRA hooks: weights are dropped after them
     return model

@@ -124,13 +124,24 @@ class LoadStage:
     @staticmethod
     def _combine(ctx: Context, adapters: list) -> None:
         """Several adapters made into one (exporter/combine.py), which the rest of the run merges as it would a single
-        adapter. The combined adapter is also written as a PEFT folder in staging: for every method but sum and cat it
-        is what parity applies on the fly (PEFT's definition of the method); sum and cat are checked against every
-        input adapter applied on the fly with its weight, which shares no code with the combination."""
-        from exporter.combine import COMBINED_ADAPTER_DIR, RANDOM, combine_adapters, write_peft_adapter
+        adapter. In adapter space the combined adapter is also written as a PEFT folder in staging: for every method
+        but sum and cat it is what parity applies on the fly (PEFT's definition of the method); sum and cat are
+        checked against every input adapter applied on the fly with its weight, which shares no code with the
+        combination. In delta space the merge and the reference take each module's ΔW from one DeltaCombination."""
+        from exporter.combine import COMBINED_ADAPTER_DIR, RANDOM, CombineSpec, DeltaCombination, combine_adapters, \
+            write_peft_adapter
         from exporter.parity.layerwise import skeleton
 
         spec = ctx.plan.combine
+        if spec.in_delta_space:
+            ctx.combined_deltas = DeltaCombination(adapters, spec)
+            # the union of the adapted modules (every adapter's own factors side by side): what the layout checks
+            ctx.adapter, _ = combine_adapters(adapters, CombineSpec("cat"))
+            ctx.combination = ctx.combined_deltas.report()
+            ctx.reference_adapters = []
+            log.info("%d adapters combined by %s on their full deltas (mergekit's definition)", len(adapters),
+                     spec.method)
+            return
         # DARE draws its masks in the model's module order, as PEFT does
         order = [name for name, _ in skeleton(ctx.base.path).named_modules()] if spec.method in RANDOM else None
         ctx.adapter, ctx.combination = combine_adapters(adapters, spec, order)

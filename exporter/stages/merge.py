@@ -21,7 +21,7 @@ from exporter.base import BaseModel
 from exporter.context import Context
 from exporter.errors import StageCheckError
 from exporter.layout import OutputTensor, Source
-from exporter.merge_math import LoraMerge
+from exporter.merge_math import DeltaMerge, LoraMerge
 from exporter.merge_stream import MergeStream
 
 Record = Callable[[dict[str, Any]], None]  # where a merged tensor's figures go (MergeStream.record)
@@ -30,21 +30,28 @@ Record = Callable[[dict[str, Any]], None]  # where a merged tensor's figures go 
 def _merged_rows(ctx: Context, t: OutputTensor, record: Record, rows_per_block: int) -> Rows:
     base, adapter, module = ctx.merge_base or ctx.base, ctx.adapter, t.module
     weight = adapter.tensor(t.adapter_key) if t.adapter_key else base.tensor(t.base_name, ctx.device, reuse=True)
-    merge = LoraMerge(
-        weight, adapter.tensor(module.a_key), adapter.tensor(module.b_key), module.scale, name=t.name,
-        fan_in_fan_out=t.layout == "conv1d", embedding=t.layout == "embedding",
-        magnitude=adapter.tensor(module.magnitude_key) if module.magnitude_key else None,
-        device=ctx.device, check_finite=ctx.plan.check_finite,
-    )
+    merge: LoraMerge | DeltaMerge
+    if ctx.combined_deltas is not None:  # several adapters combined on their full deltas: ΔW comes whole
+        merge = DeltaMerge(weight, lambda: ctx.combined_deltas.delta(module.name, ctx.device), name=t.name,
+                           transposed=t.layout == "conv1d", check_finite=ctx.plan.check_finite)
+    else:
+        merge = LoraMerge(
+            weight, adapter.tensor(module.a_key), adapter.tensor(module.b_key), module.scale, name=t.name,
+            fan_in_fan_out=t.layout == "conv1d", embedding=t.layout == "embedding",
+            magnitude=adapter.tensor(module.magnitude_key) if module.magnitude_key else None,
+            device=ctx.device, check_finite=ctx.plan.check_finite,
+        )
     row_bytes = weight.numel() * weight.element_size() // max(weight.shape[0], 1)
     for start, stop, block in merge.rows(rows_per_block):
         yield start, stop, block
         if not t.adapter_key:  # the base rows merged so far need not stay in this process's memory
             base.release(t.base_name, start * row_bytes, stop * row_bytes)
     adapter.release(*(k for k in (module.a_key, module.b_key, module.magnitude_key, t.adapter_key) if k))
+    low_rank = isinstance(merge, LoraMerge)  # a delta-space combination has no rank, α or scale of its own
     record(
-        {"tensor": t.name, "rank": module.rank, "alpha": module.alpha, "scale": module.scale,
-         "dora": module.is_dora, "relative_change": merge.relative_change, "unchanged": merge.relative_change == 0.0})
+        {"tensor": t.name, "rank": module.rank if low_rank else None, "alpha": module.alpha if low_rank else None,
+         "scale": module.scale if low_rank else None, "dora": module.is_dora,
+         "relative_change": merge.relative_change, "unchanged": merge.relative_change == 0.0})
 
 
 def _merged_bias(ctx: Context, t: OutputTensor) -> torch.Tensor:

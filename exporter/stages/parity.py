@@ -61,6 +61,9 @@ def _applied(ctx: Context) -> str:
     if ctx.combination["method"] in ("sum", "cat"):
         method, count = ctx.combination["method"], len(ctx.combination["adapters"])
         return f"every adapter ({method} of {count}, each with its weight)"
+    if ctx.combination["space"] == "delta":
+        return (f"the adapters' deltas combined by {ctx.combination['method']} (mergekit's definition, computed per "
+                "module as the merge computes them: this checks the formats, tests check the combination)")
     return f"the combined adapter ({ctx.combination['method']}, PEFT's definition)"
 
 
@@ -148,7 +151,8 @@ class ParityStage:
                 model = load_reference(base.path, ctx.reference_adapters if with_adapter else None, ctx.device,
                                        ctx.plan.allow_pickle, mode=ctx.parity_mode,
                                        base_tensors=BaseModelTensors(base) if quantized else None,
-                                       on_module=bar.update, model=model)
+                                       on_module=bar.update, model=model,
+                                       deltas=ctx.combined_deltas if with_adapter else None)
                 if probes is None:
                     vocab = model.get_input_embeddings().weight.shape[0]
                     probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
