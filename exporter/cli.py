@@ -141,7 +141,8 @@ def main(verbose: int, quiet: bool) -> None:
               help="Export format; repeat it or give a comma list (default safetensors): safetensors (in "
                    "--dtype), safetensors:nf4|nf4-dq|fp4|fp4-dq|int8 (bitsandbytes), gguf[:TYPE] (f32 f16 bf16 q8_0 "
                    "q4_0 q4_1 q5_0 q5_1; q4_k_m q5_k_m q6_k need lora-export[llama]), gguf-lora (the adapter for "
-                   "llama.cpp --lora), onnx[:fp32|fp16][-nocache] (KV cache unless -nocache).")
+                   "llama.cpp --lora), onnx[:fp32|fp16][-nocache] (KV cache unless -nocache), peft (several "
+                   "adapters combined in adapter space, as one PEFT adapter folder).")
 @once("--gguf-pre", default=None,
       help="GGUF: the BPE pre-tokenizer name (llama-bpe, qwen2, gpt-2, …) when it cannot be identified.")
 @once("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,

@@ -128,6 +128,59 @@ def test_an_adapter_combined_with_itself_at_half_weights_is_that_adapter(parts, 
     theirs = peft_merged(base, adapters, ["a1"], None)
     for name, tensor in load_output(tmp_path / "out").items():
         assert torch.allclose(tensor, theirs[name], rtol=1e-6, atol=1e-7), name
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    kept = report["artifacts"][0]["parity"]["effect_kept_per_adapter"]
+    assert list(kept.values()) == [pytest.approx(1.0, abs=1e-4)]  # a1 twice: one name, all of its effect
+
+
+def test_each_adapters_effect_kept_is_reported(parts, tmp_path):
+    """Hand-computed ends of the scale: a1 at weight 1 beside a2 at weight 0 is a1 alone, so a1 keeps all its
+    effect (1) whatever a2 keeps; report.json and the parity table name both adapters."""
+    base, adapters = parts
+    ctx = run(base, [adapters["a1"], adapters["a2"]], tmp_path / "out", CombineSpec("sum", (1.0, 0.0)),
+              dtype="float32")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    kept = report["artifacts"][0]["parity"]["effect_kept_per_adapter"]
+    assert list(kept) == ["a1", "a2"]  # the folders' names
+    assert kept["a1"] == pytest.approx(1.0, abs=1e-4)
+    assert kept["a2"] < 0.9
+    table = ctx.parity.table
+    assert "each adapter's effect kept" in table and "a1 100%" in table
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "svd"])
+def test_to_peft_writes_the_combined_adapter_peft_loads(parts, tmp_path, method):
+    """--to peft: PEFT loads the folder on the float32 base, and its unmerged logits equal our merged model's; the
+    adapter is r = α = the combined rank, as PEFT's own combined adapter is; parity judged it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapters = parts
+    names = ["a1", "a3"] if method != "ties" else ["a1", "a2"]
+    spec = CombineSpec(method, WEIGHTS, density=0.5 if method == "ties" else None)
+    ctx = run(base, [adapters[n] for n in names], tmp_path / "out", spec, dtype="float32",
+              formats=("safetensors", "peft"))
+    assert [a.format for a in ctx.artifacts] == ["safetensors", "peft"] and all(a.parity.passed for a in ctx.artifacts)
+    folder = tmp_path / "out" / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == ctx.combination["rank"]
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 7]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs, ours = peft(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(theirs, ours, rtol=0, atol=2e-5), float((theirs - ours).abs().max())
+
+
+def test_to_peft_needs_a_combination_in_adapter_space(parts, tmp_path):
+    base, adapters = parts
+    code, errors = _cli_error("--base", str(base), "--adapter", str(adapters["a1"]), "--to", "peft",
+                              "--out", str(tmp_path / "one"))
+    assert code == 2 and "nothing to combine" in errors[0], errors
+    code, errors = _cli_error("--base", str(base), "--adapter", f"{adapters['a1']},{adapters['a2']}", "--to", "peft",
+                              "--combine", "task_arithmetic", "--out", str(tmp_path / "delta"))
+    assert code == 2 and "no adapter holds" in errors[0], errors
+    assert not (tmp_path / "one").exists() and not (tmp_path / "delta").exists()
 
 
 def test_the_cli_takes_repeated_or_comma_listed_adapters(parts, tmp_path):

@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 from exporter.context import FormatRequest
 from exporter.errors import ExportError
-from exporter.formats import gguf, gguf_lora, onnx, safetensors
+from exporter.formats import gguf, gguf_lora, onnx, peft, safetensors
 from exporter.formats.base import Format, Sink
 from exporter.parity.tolerances import Tolerance
 from exporter.registry import Registry
@@ -29,7 +29,7 @@ def add_installed_formats(registry: Registry[Format]) -> None:
 
 
 FORMATS: Registry[Format] = Registry("format")
-for _module in (safetensors, gguf, gguf_lora, onnx):
+for _module in (safetensors, gguf, gguf_lora, onnx, peft):
     FORMATS.register(_module.FORMAT.name, _module.FORMAT)
 add_installed_formats(FORMATS)
 

@@ -77,6 +77,9 @@ class ArtifactParity:
     adapter_kl: float  # KL of the base without the adapter to the reference: how far the adapter moves the model
     vs_training_reference: ParityFigures | None  # against base dequantized + adapter, when merged into the original
     failures: tuple[str, ...]  # the failed criteria, as short phrases
+    # several adapters combined: each input adapter (as the user named it) -> the share of its own effect (the
+    # adapter alone on the base, as trained) that the artifact keeps; None where the adapter moves nothing
+    effect_kept_per_adapter: dict[str, float | None] | None = None
 
     @property
     def passed(self) -> bool:
@@ -96,6 +99,7 @@ class ArtifactParity:
                 "thresholds": {"max_abs": self.random_tolerance.max_abs, "max_kl": self.random_tolerance.max_kl}},
             self.checks_key: self.checks,
             "adapter_effect_kept": self.adapter_effect_kept, "adapter_kl": self.adapter_kl,
+            "effect_kept_per_adapter": self.effect_kept_per_adapter,
             "vs_training_reference": None if self.vs_training_reference is None else dataclasses.asdict(
                 self.vs_training_reference),
             "passed": self.passed, "failures": "; ".join(self.failures),
@@ -105,14 +109,17 @@ class ArtifactParity:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of parity results, one row per artifact, from their report form (ArtifactParity.to_report:
     the model card draws it from report.json)."""
+    per_adapter = any(r.get("effect_kept_per_adapter") for r in rows)  # several adapters combined: one more column
     header = ("artifact", "runtime", "dtype", "positions", "max|Δlogit|", "KL(ref‖out)", "top-1", "top-1 decisive",
-              "result")
+              *(("each adapter's effect kept",) if per_adapter else ()), "result")
     lines = [header]
     for r in rows:
+        kept = ", ".join(f"{name} {'-' if share is None else f'{share:.0%}'}"
+                         for name, share in (r.get("effect_kept_per_adapter") or {}).items())
         lines.append((
             r["format"], r["runtime"], r["dtype"], str(r["positions"]), f"{r['max_abs']:.3g}", f"{r['kl']:.3g}",
             f"{r['top1']:.2%}", f"{r['top1_decisive']:.2%} of {r['decisive_positions']}",
-            "PASS" if r["passed"] else "FAIL: " + r["failures"],
+            *((kept,) if per_adapter else ()), "PASS" if r["passed"] else "FAIL: " + r["failures"],
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]

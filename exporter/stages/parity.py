@@ -87,6 +87,13 @@ def _base_rows(probes: Probes, ctx: Context) -> torch.Tensor:
     return torch.cat([torch.full((len(p),), base_vocab is None or int(p.max()) < base_vocab) for p in probes.inputs])
 
 
+def _labels(adapters: tuple[str, ...]) -> list[str]:
+    """Short names for the input adapters, for the table: a folder's own name, a Hub id as given; the whole of what
+    the user typed where two would read the same."""
+    short = [Path(a).name if Path(a).is_dir() else a for a in adapters]
+    return [s if short.count(s) == 1 else a for s, a in zip(short, adapters)]
+
+
 def _effect_kept(artifact_kl: float, adapter_kl: float) -> float | None:
     """1 − KL(reference‖artifact) / KL(reference‖base): the share of the adapter's effect on the probes that the
     artifact keeps (1: all of it; 0: it behaves like the base; negative: further from the reference than the base)."""
@@ -118,6 +125,8 @@ class _References:
     width: int  # the base's vocabulary
     adapter_kl: float  # KL(reference‖base): how far the adapter moves the model
     described: str  # the reference, in words for the report
+    # several adapters combined: (name, that adapter alone on effect_rows, KL(it‖base)) for each input adapter
+    each_adapter: tuple[tuple[str, torch.Tensor, float], ...] = ()
 
 
 class ParityStage:
@@ -139,20 +148,22 @@ class ParityStage:
 
     @staticmethod
     def _model_logits(ctx: Context, tok: Any, with_adapter: bool, probes: Probes | None = None,
-                      base: Any = None) -> tuple[Probes, torch.Tensor]:
+                      base: Any = None, alone: Path | None = None) -> tuple[Probes, torch.Tensor]:
         """The reference (base + adapter on the fly), or the base alone (``base``: another base than the run's, the
-        original of a quantized one); probes are made on the first call."""
+        original of a quantized one), or (``alone``) the base + that one input adapter of a combination; probes are
+        made on the first call."""
         base = base or ctx.base
+        applied = [(alone, 1.0)] if alone is not None else ctx.reference_adapters if with_adapter else None
         quantized = base.quantization is not None
         try:
             model = skeleton(base.path)  # parameters on meta: costs no memory
-            desc = "parity reference" if with_adapter else "parity base"
+            desc = f"parity: {alone.name} alone" if alone else "parity reference" if with_adapter else "parity base"
             with progress(ctx, desc, count_weighted_modules(model)) as bar:
-                model = load_reference(base.path, ctx.reference_adapters if with_adapter else None, ctx.device,
+                model = load_reference(base.path, applied, ctx.device,
                                        ctx.plan.allow_pickle, mode=ctx.parity_mode,
                                        base_tensors=BaseModelTensors(base) if quantized else None,
                                        on_module=bar.update, model=model,
-                                       deltas=ctx.combined_deltas if with_adapter else None)
+                                       deltas=ctx.combined_deltas if with_adapter and alone is None else None)
                 if probes is None:
                     vocab = model.get_input_embeddings().weight.shape[0]
                     probes = probe_inputs(tok, vocab, ctx.layout.base_vocab or vocab)
@@ -201,9 +212,18 @@ class ParityStage:
         # can read (no added tokens), its own logits only.
         effect_rows = judged_rows & base_rows
         effect_ref = training_ref[effect_rows][:, :width]
-        adapter_kl = compare_logits(effect_ref, base_logits[judged_rows[base_rows]]).kl if effect_rows.any() else 0.0
+        base_on_effect_rows = base_logits[judged_rows[base_rows]]
+        adapter_kl = compare_logits(effect_ref, base_on_effect_rows).kl if effect_rows.any() else 0.0
+        each_adapter = []
+        if ctx.combination is not None and effect_rows.any():
+            # Each input adapter alone on the base, as it was trained: how much of its own effect survives the
+            # combination, so a user sees whether one adapter drowned the other.
+            for name, folder in zip(_labels(ctx.plan.adapters), ctx.combination["adapters"]):
+                _, alone = self._model_logits(ctx, tok, with_adapter=True, probes=probes, alone=Path(folder))
+                alone_ref = alone[effect_rows][:, :width]
+                each_adapter.append((name, alone_ref, compare_logits(alone_ref, base_on_effect_rows).kl))
         return _References(probes, ref_logits, training_logits, text_rows, judged_rows, effect_rows, effect_ref,
-                           width, adapter_kl, described)
+                           width, adapter_kl, described, tuple(each_adapter))
 
     @staticmethod
     def _judge(ctx: Context, artifact: Artifact, refs: _References, tok: Any) -> ArtifactParity:
@@ -234,6 +254,15 @@ class ParityStage:
                 failures.append(f"keeps {kept:.0%} of the adapter's effect < {ctx.plan.min_effect_kept:.0%}")
             else:
                 ctx.note(message + f"; below {ctx.plan.min_effect_kept:.0%}")
+        out_effect = out_logits[refs.effect_rows][:, :refs.width] if refs.each_adapter else None
+        kept_each = {name: _effect_kept(compare_logits(alone, out_effect).kl, kl)
+                     for name, alone, kl in refs.each_adapter} or None
+        low = [f"{name} {share:.0%}" for name, share in (kept_each or {}).items()
+               if share is not None and share < ctx.plan.min_effect_kept]
+        if low:
+            ctx.note(f"{artifact.format}:{artifact.variant} keeps little of some adapters' own effect on the probes "
+                     f"({', '.join(low)}; below {ctx.plan.min_effect_kept:.0%}): the combination may have drowned "
+                     "them (check --weights and the method)")
         return ArtifactParity(
             format=artifact.format, path=str(artifact.path), runtime=fmt.runtime, dtype=artifact.variant,
             probes="text" if text_rows.any() else "random ids", figures=figures, tolerance=tol,
@@ -241,7 +270,7 @@ class ParityStage:
             adapter_effect_kept=kept, adapter_kl=refs.adapter_kl,
             vs_training_reference=None if refs.training_logits is None else compare_logits(
                 refs.training_logits[refs.judged_rows], out_logits[refs.judged_rows]),
-            failures=tuple(failures))
+            failures=tuple(failures), effect_kept_per_adapter=kept_each)
 
     def check(self, ctx: Context) -> None:
         # A failed comparison is reported by the runner (after report.json is written), not raised here, so the
