@@ -17,6 +17,8 @@ from exporter.combine import CombineSpec
 
 # Formats whose output is an adapter, not a merged model (a delta-space combination has no adapter form)
 ADAPTER_FORMATS = ("gguf-lora", "peft")
+# Formats that take several adapters without --combine, writing one file per adapter
+SEPARATE_ADAPTER_FORMATS = ("gguf-lora",)
 from exporter.errors import ExportError
 from exporter.hub import REPO_ID
 
@@ -186,10 +188,12 @@ class ExportPlan:
         keep("more_adapters", tuple(str(a) for a in more))
         if self.combine is not None and not isinstance(self.combine, CombineSpec):
             raise _plan_error("combine", self.combine, "None or an exporter.combine.CombineSpec")
-        if self.more_adapters and self.combine is None:
+        kept_apart = all(f.split(":")[0] in SEPARATE_ADAPTER_FORMATS for f in self.formats)
+        if self.more_adapters and self.combine is None and not kept_apart:
             raise ExportError("--adapter", f"{len(self.adapters)} adapters were given, and a merged model needs a way "
                               "to combine them.", f"pass --combine METHOD (one of {', '.join(COMBINE_METHODS)}; sum "
-                              "adds every adapter's change with its --weights).")
+                              "adds every adapter's change with its --weights), or ask only for formats that keep "
+                              f"adapters apart ({', '.join(SEPARATE_ADAPTER_FORMATS)}: one file each).")
         if self.combine is not None:
             self.combine.check(len(self.adapters))
             kept_as_adapter = [f for f in self.formats if f.split(":")[0] in ADAPTER_FORMATS]
@@ -266,7 +270,8 @@ class Context:
     read them; the runner owns staging, timings and the final report.
 
     load:        formats (each request with what its format's pre-flight prepared), base, original_base, merge_base,
-                 adapter, combination, reference_adapters, combined_deltas, device, out_dtype, layout, config_updates,
+                 adapter, combination, reference_adapters, combined_deltas, separate_adapters, device, out_dtype,
+                 layout, config_updates,
                  merged_config, model_files, tokenizer_dir,
                  tokenizer_json (dropped once the formats have read it), base_hashes, inputs
     dequantize:  dequantized (what a bitsandbytes base was presented as)
@@ -291,6 +296,8 @@ class Context:
     # --combine-space delta: the exporter.combine.DeltaCombination the merge and the reference take each ΔW from (the
     # adapter above is then only the union of the adapted modules, for the layout)
     combined_deltas: Any = None
+    # several adapters without --combine (formats that keep adapters apart): every one, in --adapter order
+    separate_adapters: list[Adapter] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     out_dtype: torch.dtype | None = None
     layout: MergeLayout | None = None

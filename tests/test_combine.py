@@ -277,3 +277,21 @@ def test_a_plan_with_combine_checks_its_parameters():
         ExportPlan(base="b", adapter="a", more_adapters=("c",), combine=CombineSpec("ties", density=1.5), out="o")
     with pytest.raises(ExportError, match="--combine median"):
         ExportPlan(base="b", adapter="a", more_adapters=("c",), combine=CombineSpec("median"), out="o")
+
+
+def test_gguf_lora_keeps_several_adapters_apart_one_file_each(parts, tmp_path):
+    """Several adapters without --combine, asked only for gguf-lora: one GGUF LoRA per adapter, each applied by
+    llama.cpp to the base and judged against the base with that adapter alone (a file judged against another
+    adapter's reference would fail: a1 and a3 adapt different modules)."""
+    base, adapters = parts
+    ctx = run(base, [adapters["a1"], adapters["a3"]], tmp_path / "out", None, formats=("gguf-lora",))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.gguf")) == ["adapter-a1.gguf", "adapter-a3.gguf"]
+    assert [a.path.name for a in ctx.artifacts] == ["adapter-a1.gguf", "adapter-a3.gguf"]
+    assert all(a.parity.passed and a.parity.figures.max_abs < 1e-3 for a in ctx.artifacts), \
+        [a.parity for a in ctx.artifacts]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(f"the adapter {name} applied" in report["parity_reference"] for name in ("a1", "a3"))
+    # asked for a merged format too, the same adapters need --combine
+    code, errors = _cli_error("--base", str(base), "--adapter", f"{adapters['a1']},{adapters['a3']}",
+                              "--to", "gguf-lora,safetensors", "--out", str(tmp_path / "both"))
+    assert code == 2 and "one file each" in errors[0], errors

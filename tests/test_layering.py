@@ -155,7 +155,7 @@ def test_no_import_circles_counting_type_only_imports():
 # Who writes each field of the run's Context (exporter/context.py): the stage whose result it is, or the runner.
 CONTEXT_OWNERS = {
     "exporter.stages.load": {"formats", "base", "original_base", "merge_base", "adapter", "combination",
-                             "reference_adapters", "combined_deltas", "device", "out_dtype",
+                             "reference_adapters", "combined_deltas", "separate_adapters", "device", "out_dtype",
                              "layout", "config_updates", "merged_config", "model_files", "tokenizer_dir",
                              "tokenizer_json", "base_hashes", "inputs"},
     "exporter.stages.dequantize": {"dequantized"},

@@ -85,8 +85,12 @@ class LoadStage:
         ctx.reference_adapters = [(ctx.adapter.path, 1.0)]
         if plan.combine is not None:
             self._combine(ctx, adapters)
+        elif len(adapters) > 1:  # formats that keep them apart: each written and checked on its own
+            ctx.separate_adapters = adapters
         ctx.device = choose_device(plan.device)
         ctx.out_dtype = choose_dtype(plan.dtype, ctx.base)
+        for other in ctx.separate_adapters[1:]:
+            build_layout(ctx.base, other, ctx.out_dtype)  # each must fit the base: one clear error if not
         layout = build_layout(ctx.base, ctx.adapter, ctx.out_dtype)
         ctx.layout = layout
         ctx.config_updates.update(layout.config_updates)

@@ -127,6 +127,7 @@ class _References:
     described: str  # the reference, in words for the report
     # several adapters combined: (name, that adapter alone on effect_rows, KL(it‖base)) for each input adapter
     each_adapter: tuple[tuple[str, torch.Tensor, float], ...] = ()
+    alone: str | None = None  # the adapter kept apart whose file these judge (None: the run's reference)
 
 
 class ParityStage:
@@ -179,21 +180,30 @@ class ParityStage:
         """Every artifact compared with the reference; returns the reference in words and the human table."""
         # Loaded once for every artifact (Gemma's 262k-token tokenizer takes about a second each time).
         tok = _tokenizer(ctx.model_files) if (ctx.model_files / "tokenizer_config.json").is_file() else None
-        refs = self._references(ctx, tok)
+        # One reference for every artifact; with adapters kept apart (one file each), each file's own adapter's,
+        # computed when its first artifact comes (they come grouped) and dropped after.
+        refs, described = None, []
         for artifact in ctx.artifacts:
+            alone = artifact.details.get("adapter")
+            if refs is None or refs.alone != alone:
+                refs = self._references(ctx, tok, alone)
+                described.append(refs.described)
             artifact.parity = self._judge(ctx, artifact, refs, tok)
             FORMATS.get(artifact.format).after_parity(artifact, ctx)
         table = format_table([a.parity.to_report() for a in ctx.artifacts if a.parity])
         log.debug("parity:\n%s", table)
-        return refs.described, table
+        return "; ".join(described), table
 
-    def _references(self, ctx: Context, tok: Any) -> _References:
+    def _references(self, ctx: Context, tok: Any, alone: str | None = None) -> _References:
         """The logits every artifact is judged against: the reference (base + adapter, float32), training's
-        reference when the merge went into other weights, and the base alone (how far the adapter moves the model)."""
-        probes, ref_logits = self._model_logits(ctx, tok, with_adapter=True)
+        reference when the merge went into other weights, and the base alone (how far the adapter moves the model).
+        ``alone``: the folder of one adapter kept apart, the reference of its own file."""
+        probes, ref_logits = self._model_logits(ctx, tok, with_adapter=True,
+                                                alone=Path(alone) if alone is not None else None)
+        applied = f"the adapter {Path(alone).name}" if alone is not None else _applied(ctx)
         described = ("the base" + (f" dequantized from {ctx.dequantized['type']} (what QLoRA training computed with)"
                                    if ctx.base.quantization is not None else "")
-                     + f" + {_applied(ctx)} applied on the fly, float32")
+                     + f" + {applied} applied on the fly, float32")
         training_logits = None
         if ctx.merge_base is not None:
             # Merged into the original full-precision weights: judged against original + adapter, and the distance
@@ -223,7 +233,7 @@ class ParityStage:
                 alone_ref = alone[effect_rows][:, :width]
                 each_adapter.append((name, alone_ref, compare_logits(alone_ref, base_on_effect_rows).kl))
         return _References(probes, ref_logits, training_logits, text_rows, judged_rows, effect_rows, effect_ref,
-                           width, adapter_kl, described, tuple(each_adapter))
+                           width, adapter_kl, described, tuple(each_adapter), alone)
 
     @staticmethod
     def _judge(ctx: Context, artifact: Artifact, refs: _References, tok: Any) -> ArtifactParity:
