@@ -15,7 +15,7 @@ from exporter.parity.figures import format_table
 
 _WHAT = {"merged": "The merged model (safetensors)", "gguf": "GGUF files of the merged model",
          "gguf-lora": "The LoRA adapter as a GGUF file, for llama.cpp's --lora",
-         "onnx": "ONNX exports of the merged model"}
+         "onnx": "ONNX exports of the merged model", "peft": "The combined LoRA adapter, as a PEFT adapter"}
 
 
 def hub_card(report: dict[str, Any], repo: RepoPlan, repos: list[RepoPlan], digests: dict[str, str]) -> str:
@@ -26,7 +26,8 @@ def hub_card(report: dict[str, Any], repo: RepoPlan, repos: list[RepoPlan], dige
     base_card = inputs.get("base_card") or {}
     license_fields = {k: base_card[k] for k in ("license", "license_name", "license_link") if base_card.get(k)}
     adapter_id = (inputs.get("adapter_hub") or {}).get("repo_id")
-    tags = ["lora-export", "lora", {"gguf": "gguf", "gguf-lora": "gguf", "onnx": "onnx"}.get(repo.kind, "merged-lora")]
+    tags = ["lora-export", "lora", {"gguf": "gguf", "gguf-lora": "gguf", "onnx": "onnx", "peft": "peft"}.get(
+        repo.kind, "merged-lora")]
     if repo.kind.startswith("bnb-"):
         tags += ["bitsandbytes", "4-bit" if "4" in repo.kind else "8-bit"]
     data = ModelCardData(base_model=repo.base_model, base_model_relation=repo.relation if repo.base_model else None,
@@ -34,7 +35,7 @@ def hub_card(report: dict[str, Any], repo: RepoPlan, repos: list[RepoPlan], dige
                          **license_fields)
     lines = [f"# {repo.repo_id.split('/')[-1]}", "",
              f"{_WHAT.get(repo.kind, 'The merged model, re-quantized with bitsandbytes')}: "
-             f"{_source(inputs, 'base')} with the LoRA adapter {_source(inputs, 'adapter')} merged in "
+             f"{_source(inputs, 'base')} with {_adapters(report)} "
              f"(W' = W + s·B@A, accumulated in float32), made and checked by lora-export "
              f"{report['lora_export_version']} on {report['created']}.", ""]
     siblings = [r for r in repos if r is not repo]
@@ -72,6 +73,21 @@ def hub_card(report: dict[str, Any], repo: RepoPlan, repos: list[RepoPlan], dige
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
+def _adapters(report: dict[str, Any]) -> str:
+    """The adapter part of the card's first sentence: one adapter, several combined (method, weights), or several
+    kept apart (one file each)."""
+    request, combination = report.get("request") or {}, report.get("combination")
+    names = [request.get("adapter"), *(request.get("more_adapters") or [])]
+    if len(names) < 2 or None in names:
+        return f"the LoRA adapter {_source(report['inputs'], 'adapter')} merged in"
+    listed = ", ".join(f"`{n}`" for n in names)
+    if combination is None:
+        return f"the LoRA adapters {listed}, each kept as its own file"
+    weights = ", ".join(f"{w:g}" for w in combination["weights"])
+    return (f"the LoRA adapters {listed} combined by {combination['method']} ({combination['space']} space, "
+            f"weights {weights}) and merged in")
+
+
 def _source(inputs: dict[str, Any], role: str) -> str:
     hub = inputs.get(f"{role}_hub")
     if hub:
@@ -90,6 +106,11 @@ def _how_to_run(repo: RepoPlan) -> list[str]:
     if repo.kind == "gguf-lora":
         return ["Apply it to an F32/F16 GGUF of the base with llama.cpp:", "", "```sh",
                 "llama-cli -m base-F16.gguf --lora adapter.gguf", "```"]
+    if repo.kind == "peft":
+        return ["Load it on the base with PEFT:", "", "```python", "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM", "",
+                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{repo.base_model}"), '
+                f'"{rid}")', "```"]
     if repo.kind == "onnx":
         folders = sorted({name.split("/")[0] for name in repo.files})
         return ["Each folder is a complete model for onnxruntime-genai (genai_config.json, tokenizer, "

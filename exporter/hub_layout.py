@@ -35,7 +35,7 @@ class RepoPlan:
     """One repository to push: its id, what it holds, and where its files come from in the output."""
 
     repo_id: str
-    kind: str  # merged | bnb | gguf | gguf-lora | onnx
+    kind: str  # merged | bnb | gguf | gguf-lora | peft | onnx
     library_name: str
     relation: str  # base_model_relation
     files: dict[str, Path] = field(default_factory=dict)  # path in the repo -> file in the output
@@ -70,6 +70,9 @@ def plan_repos(push_to: str, report: dict[str, Any], out: Path, base_id: str | N
         elif entry["format"] == "gguf-lora":
             r = repo("gguf-lora", f"{push_to}-LoRA-GGUF", "gguf", "adapter")
             r.files[path.name] = path
+        elif entry["format"] == "peft":  # a combined adapter: PEFT's files at the repository's root, as the Hub reads
+            r = repo("peft", f"{push_to}-LoRA", "peft", "adapter")
+            r.files.update({str(f.relative_to(path)): f for f in sorted(path.rglob("*")) if f.is_file()})
         elif entry["format"] == "onnx":
             r = repo("onnx", f"{push_to}-ONNX", "onnx", "quantized")
             r.files.update({f"{path.name}/{f.relative_to(path)}": f for f in sorted(path.rglob("*")) if f.is_file()})

@@ -300,3 +300,32 @@ def test_push_flags_that_contradict_each_other_are_refused_before_anything_runs(
     base, adapter = trained
     result = _cli("run", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o"), *args)
     assert result.returncode == 2 and words in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_combined_adapter_gets_a_peft_repository_and_cards_name_every_adapter(tmp_path):
+    """--to peft pushes to <push_to>-LoRA with PEFT's two files at the root (where the Hub and PeftModel look), library
+    peft; every card names each input adapter, the method and the weights."""
+    from huggingface_hub import ModelCard
+
+    from exporter.cards import hub_card
+    from exporter.hub_layout import base_model_id, plan_repos
+
+    report = _fake_output(tmp_path)
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    peft_parity = {**report["artifacts"][0]["parity"], "format": "peft", "dtype": "float32",
+                   "runtime": "transformers+lora"}
+    report["artifacts"] = [report["artifacts"][0],
+                           {"format": "peft", "variant": "float32", "path": str(tmp_path / "adapter"),
+                            "parity": peft_parity}]
+    report["request"] = {"adapter": "me/task-lora", "more_adapters": ["me/style-lora"]}
+    report["combination"] = {"method": "ties", "space": "adapter", "weights": [1.0, 0.5]}
+    repos = {r.repo_id: r for r in plan_repos("me/model", report, tmp_path, base_model_id(report))}
+    peft = repos["me/model-LoRA"]
+    assert (peft.library_name, peft.base_model, peft.relation) == ("peft", "org/base", "adapter")
+    assert sorted(peft.files) == ["adapter_config.json", "adapter_model.safetensors"]
+    for repo in repos.values():
+        card = ModelCard(hub_card(report, repo, list(repos.values()), {n: "" for n in repo.files}))
+        assert "`me/task-lora`, `me/style-lora` combined by ties (adapter space, weights 1, 0.5)" in card.text
+    assert "PeftModel.from_pretrained" in hub_card(report, peft, list(repos.values()), {n: "" for n in peft.files})
