@@ -71,11 +71,14 @@ TARGETS: dict[str, list[str]] = {
     "converters/bnb/quantize.py": ["tests/converters/test_bnb.py", "tests/test_quantized.py"],
     # -- ONNX: the converter's own tests (graph vs transformers in ONNX Runtime), then the pipeline's
     # 93 mutants; 22 s + 33 s
-    "converters/onnx/trace.py": [*ONNX_UNIT, "tests/test_onnx_export.py"],
+    "converters/onnx/trace.py": ["tests/converters/test_onnx_graph_details.py", *ONNX_UNIT,
+                                 "tests/test_onnx_export.py"],
     # 66 mutants; 36 s (the 2.4 GB external-data test included: it is this module's) + 33 s
-    "converters/onnx/weights.py": ["tests/converters/test_onnx.py", "tests/test_onnx_export.py"],
+    "converters/onnx/weights.py": ["tests/converters/test_onnx_graph_details.py", "tests/converters/test_onnx.py",
+                                   "tests/test_onnx_export.py"],
     # 39 mutants; 36 s + 33 s
-    "converters/onnx/writer.py": ["tests/converters/test_onnx.py", "tests/test_onnx_export.py"],
+    "converters/onnx/writer.py": ["tests/converters/test_onnx_graph_details.py", "tests/converters/test_onnx.py",
+                                  "tests/test_onnx_export.py"],
     # 47 mutants; 8 s (onnxruntime-genai generating, and the refused type)
     "converters/onnx/genai.py": ["tests/converters/test_onnx.py::test_genai_config_needs_a_known_type",
                                  "tests/converters/test_onnx.py::test_genai_head_size_is_the_configs_head_dim_or_an_"
@@ -89,19 +92,21 @@ TARGETS: dict[str, list[str]] = {
                                  "generates"],
     # -- bitsandbytes: bit for bit against bitsandbytes, then QLoRA bases through the pipeline
     # 146 mutants; 9-28 s (one 5x7 FP4 case measured 1.5 s alone, 18 s once under load) + 14 s
-    "converters/bnb/dequantize.py": ["tests/converters/test_bnb.py", "tests/test_quantized.py"],
+    "converters/bnb/dequantize.py": ["tests/converters/test_bnb_validate.py", "tests/converters/test_bnb.py",
+                                     "tests/test_quantized.py"],
     # 139 mutants; 9-28 s + 14 s
     "converters/bnb/format.py": ["tests/converters/test_bnb.py", "tests/test_quantized.py"],
     # -- GGUF: byte for byte against gguf-py, then llama.cpp running the file
     # 105 mutants; 3 s + 35 s
     "converters/gguf/arch.py": ["tests/converters/test_gguf_writer.py", "tests/test_gguf.py"],
     # 65 mutants; 4 s + 35 s
-    "converters/gguf/vocab.py": ["tests/converters/test_gguf_vocab.py", "tests/test_gguf.py"],
+    "converters/gguf/vocab.py": ["tests/converters/test_gguf_vocab_scores.py", "tests/converters/test_gguf_vocab.py",
+                                 "tests/test_gguf.py"],
     # 43 mutants; 4 s (Go's text/template and apply_chat_template on the derived TEMPLATE)
     "converters/gguf/modelfile.py": ["tests/converters/test_modelfile.py", "tests/test_modelfile_run.py"],
     # -- the stages (exporter/stages/__init__.py has no mutant)
     # 45 mutants; 9 s + 8 s
-    "exporter/stages/load.py": ["tests/test_bad_input.py", "tests/test_pipeline.py",
+    "exporter/stages/load.py": ["tests/test_stage_boundaries.py", "tests/test_bad_input.py", "tests/test_pipeline.py",
                                 "tests/test_quantized.py::test_an_original_missing_a_tensor_or_of_another_shape_is_"
                                 "refused_naming_exactly_those",
                                 # Hub ids: a local Hub server (tests/hub_server.py), ~3 s
@@ -113,7 +118,8 @@ TARGETS: dict[str, list[str]] = {
     # 11 mutants; 8 s + 33 s (the Ctrl-C and full-disk paths)
     "exporter/stages/export.py": ["tests/test_pipeline.py", "tests/test_faults.py"],
     # 71 mutants; 8 s + 8 s + 61 s (parity held whole or streamed module by module)
-    "exporter/stages/parity.py": ["tests/test_parity.py", "tests/test_pipeline.py", "tests/test_layerwise.py",
+    "exporter/stages/parity.py": ["tests/test_stage_boundaries.py", "tests/test_parity.py", "tests/test_pipeline.py",
+                                  "tests/test_layerwise.py",
                                   # a GELU model's GGUF F32: judged by its architecture's own tolerance (ggml's
                                   # fp16 GELU table), so the architecture must reach the lookup
                                   "tests/test_gguf.py::test_every_architecture_runs_in_llama_cpp_like_the_"
@@ -126,18 +132,24 @@ TARGETS: dict[str, list[str]] = {
                                  "tests/test_cli_options.py::test_values_float16_cannot_hold_are_refused_in_every_"
                                  "format_unless_no_check_finite"],
     # 38 mutants; 8 s + 10 s + 18 s
-    "exporter/formats/safetensors.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_pipeline.py",
+    "exporter/formats/safetensors.py": ["tests/test_docs.py", "tests/test_small_blocks.py",
+                                        "tests/test_disk_estimates.py", "tests/test_pipeline.py",
                                         "tests/test_merge_vs_peft.py", "tests/test_cli_options.py"],
     # 86 mutants; 14 s
     "exporter/formats/bnb.py": ["tests/test_disk_estimates.py", "tests/test_quantized.py"],
     # 47 mutants; 35 s + 17 s
-    "exporter/formats/gguf.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_gguf.py",
+    "exporter/formats/gguf.py": ["tests/test_docs.py", "tests/test_gguf_modelfile_name.py",
+                                 "tests/test_disk_estimates.py", "tests/test_gguf.py",
                                  "tests/test_one_pass.py", "tests/test_failure_branches.py"],
     # 21 mutants; 35 s
     "exporter/formats/gguf_lora.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_gguf.py",
                                       "tests/test_failure_branches.py"],
     # 69 mutants; 33 s
-    "exporter/formats/onnx.py": ["tests/test_docs.py", "tests/test_disk_estimates.py", "tests/test_onnx_export.py"],
+    "exporter/formats/onnx.py": ["tests/test_docs.py", "tests/test_onnx_feed.py", "tests/test_disk_estimates.py",
+                                 "tests/test_onnx_export.py"],
+    # -- several adapters: PEFT's add_weighted_adapter and mergekit as oracles (~25 s + ~10 s)
+    "exporter/combine.py": ["tests/test_combine_delta.py", "tests/test_combine.py"],
+    "exporter/formats/peft.py": ["tests/test_combine.py"],
 }
 
 _SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,

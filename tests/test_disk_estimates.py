@@ -118,3 +118,38 @@ def test_each_scratch_estimate_bounds_its_scratch_file_closely(exported, case):
         return
     written = max(scratch[case])
     assert written <= transient[case] <= 1.15 * written + 64 * 1024, (case, transient[case], written)
+
+
+# Headers and vocabulary, not weights, make the bytes here: 64-wide layers (a quantized tensor's header entries and
+# quantization state weigh as much as its codes) and an embedding of 4096 rows under a 128-token tokenizer (3968
+# padding rows, each a "[PAD1234]" token in a GGUF's vocabulary).
+NARROW = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.05)
+NARROW_CASES = {"safetensors:nf4-dq": "nf4-dq/model*.safetensors", "gguf-lora": "adapter.gguf"}
+
+
+def test_estimates_bound_files_whose_headers_and_vocabulary_outweigh_their_weights(tmp_path, monkeypatch):
+    """Each estimate's allowances for what is not weights must hold: a double-quantized 4-bit tensor's six header
+    entries and its quantization state's JSON, beside codes of only 64 x 64 values; and for gguf-lora's parity
+    scratch (the base as an F32 GGUF), the vocabulary's metadata and one placeholder token per embedding row past
+    the tokenizer. Each written file must be at most what the pre-flight planned. (bitsandbytes' spill is not
+    checked here: at this shape a double-quantized spill outgrows its estimate, 55,634 bytes against 45,624.)"""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import build_peft_adapter
+    from exporter.demo import build_tokenizer
+
+    base = tmp_path / "base"
+    build_tokenizer(base, vocab_size=128, family="llama-bpe")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**NARROW, tie_word_embeddings=True)).to(torch.bfloat16) \
+        .save_pretrained(base)
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    scratch = _record_scratch_files(monkeypatch)
+    run_export(base, adapter, tmp_path / "out", formats=tuple(NARROW_CASES))
+    disk = json.loads((tmp_path / "out" / "report.json").read_text())["inputs"]["disk"]
+    for case, pattern in NARROW_CASES.items():
+        written = sum(p.stat().st_size for p in (tmp_path / "out").glob(pattern))
+        assert 0 < written <= disk["planned_bytes"][case], (case, disk["planned_bytes"][case], written)
+    lora_base = max(scratch["gguf-lora"])
+    assert lora_base <= disk["transient_bytes"]["gguf-lora"], (disk["transient_bytes"]["gguf-lora"], lora_base)

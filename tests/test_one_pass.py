@@ -135,7 +135,9 @@ def test_an_option_given_twice_is_an_error(bf16_case, tmp_path):
               "--device": "cpu", "--parity": "off", "--max-shard-size": "1GB", "--max-abs": "1", "--max-kl": "1",
               "--min-top1": "0.5", "--gguf-pre": "llama-bpe", "--parity-memory": "whole",
               "--original-base": str(base), "--merge-into": "dequantized", "--min-effect-kept": "0.5",
-              "--push-to": "me/model", "--revision": "dev"}
+              "--push-to": "me/model", "--revision": "dev", "--combine": "sum", "--combine-space": "adapter",
+              "--weights": "1,1", "--density": "0.5", "--majority-sign-method": "total", "--svd-rank": "4",
+              "--svd-clamp": "0.9", "--seed": "1"}
     checked = 0
     for command in main.commands.values():
         once = [p for p in command.params if isinstance(p, OnceOption)]
