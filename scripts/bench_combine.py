@@ -14,7 +14,7 @@ cache and `--parity off`:
 Targets, reported as PASS/MISS and never asserted:
   (b)/(a) wall time <= 1.3     (b)/(a) peak RSS <= 1.1 (the same, within polling noise)
   (c)/(b) wall time >= 3       (b)/(c) peak RSS <= 0.25
-A few merged tensors of (b) and (c) are compared at the end. Everything also goes to <workdir>/bench_combine.json.
+A few merged tensors of (b) and (c) are compared at the end with the exact answer (float64, rounded once to bf16). Everything also goes to <workdir>/bench_combine.json.
 """
 
 from __future__ import annotations
@@ -125,17 +125,32 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    print("\nmerged tensors, lora-export sum vs PEFT cat (compared in fp32):")
+    from safetensors import safe_open
+
+    # The exact answer, computed here in float64 from the inputs and rounded once to bf16: W + Σ wᵢ·sᵢ·BᵢAᵢ.
+    child("_extract", str(base), str(workdir / "check_base.safetensors"), *check, script=SELF)
+    base_w = load_file(workdir / "check_base.safetensors")
+    print("\nmerged tensors against W + Σ wᵢ·sᵢ·BᵢAᵢ computed in float64 and rounded once to bf16:")
     got = {tag: load_file(workdir / f"check_{tag}.safetensors") for tag in ("b", "c")}
     agreement = {}
     for name in check:
-        x, y = got["b"][name].float(), got["c"][name].float()
-        diff = (x - y).abs()
-        ulp = torch.ldexp(torch.ones_like(x), torch.frexp(torch.maximum(x.abs(), y.abs()))[1] - 8)  # bf16 spacing
-        agreement[name] = {"max_abs_diff": float(diff.max()), "max_bf16_ulps": float((diff / ulp).max()),
-                           "frac_differing": float((diff > 0).float().mean())}
-        print(f"  {name:<42} max|Δ| {diff.max():.3g} = {agreement[name]['max_bf16_ulps']:.2f} bf16 ulp, differing "
-              f"{agreement[name]['frac_differing']:.3%}")
+        exact = base_w[name].double()
+        module = name.removesuffix(".weight")
+        for folder, w in zip(adapters, WEIGHTS):
+            config = json.loads((folder / "adapter_config.json").read_text())
+            with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+                a = f.get_tensor(f"base_model.model.{module}.lora_A.weight").double()
+                b = f.get_tensor(f"base_model.model.{module}.lora_B.weight").double()
+            exact += w * config["lora_alpha"] / config["r"] * (b @ a)
+        rounded = exact.to(torch.bfloat16).float()
+        ulp = torch.ldexp(torch.ones_like(rounded), torch.frexp(rounded.abs())[1] - 8)  # bf16 spacing there
+        agreement[name] = {}
+        for tag, who in (("b", "lora-export"), ("c", "peft")):
+            diff = (got[tag][name].float() - rounded).abs()
+            agreement[name][who] = {"max_bf16_ulps": float((diff / ulp).max()),
+                                    "frac_differing": float((diff > 0).float().mean())}
+        print(f"  {name:<42} " + "; ".join(f"{who}: max {r['max_bf16_ulps']:.2f} ulp, {r['frac_differing']:.3%} "
+                                           "differ" for who, r in agreement[name].items()))
     total = time.perf_counter() - t_start
     print(f"\nwhole script: {total:.1f} s")
     result = {"size_gb": args.size_gb, "layers": layers, "cases": list(rows.values()), "ratios": ratios,

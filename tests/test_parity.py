@@ -299,3 +299,17 @@ def test_auto_parity_memory_runs_whole_only_with_half_again_the_float32_model_an
     monkeypatch.setattr(parity_stage.psutil, "virtual_memory", lambda: SimpleNamespace(available=20e9))
     assert parity_stage.choose_parity_mode(ctx) == (
         "streamed", "auto: the model is 28.00 GB in float32, 20.0 GB of memory is available, so module by module")
+
+
+def test_a_resized_vocabulary_without_any_tokenizer_is_checked_without_an_effect_figure(tmp_path):
+    """No tokenizer anywhere, so every probe is random ids, and with a resized vocabulary each holds added tokens
+    the base cannot read: the base alone has nothing to run. Parity still judges the merged model against base +
+    adapter (which it must pass), and reports no share of the adapter's effect rather than crashing."""
+    from conftest import build_peft_adapter, build_tiny_base, run_export
+
+    base = build_tiny_base(tmp_path / "base")
+    adapter = build_peft_adapter(tmp_path / "adapter", base, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                 resize_vocab_to=136, modules_to_save=["embed_tokens", "lm_head"])
+    ctx = run_export(base, adapter, tmp_path / "out")
+    (artifact,) = ctx.artifacts
+    assert artifact.parity.passed and artifact.parity.adapter_effect_kept is None

@@ -88,6 +88,11 @@ def derive_chat_format(template: str, special_tokens: dict[str, str]) -> ChatFor
                           _strip_suffix(_between(with_system, sy, u), user_prefix, "system suffix"))
             except ValueError:  # a template that treats system turns some other way: left out
                 system = None
+    pieces = [user_prefix, user_suffix, assistant_prefix, assistant_suffix, generation_prompt, leading,
+              *(system or ()), folded or ""]
+    if any(sentinel in piece for piece in pieces for sentinel in _SENTINEL.values()):
+        # a message's content rendered twice (or elsewhere than its turn): no fixed prefix/suffix reproduces that
+        raise ValueError("the template renders a message's content outside its own turn")
     return ChatFormat(system, (user_prefix, user_suffix), (assistant_prefix, assistant_suffix), generation_prompt,
                       leading, folded)
 

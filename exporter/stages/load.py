@@ -149,10 +149,10 @@ class LoadStage:
         # DARE draws its masks in the model's module order, as PEFT does
         order = [name for name, _ in skeleton(ctx.base.path).named_modules()] if spec.method in RANDOM else None
         ctx.adapter, ctx.combination = combine_adapters(adapters, spec, order)
-        folder = write_peft_adapter(ctx.adapter, ctx.combination["rank"], ctx.staging / COMBINED_ADAPTER_DIR)
         if spec.method in ("sum", "cat"):
             ctx.reference_adapters = [(a.path, w) for a, w in zip(adapters, spec.resolved_weights(len(adapters)))]
         else:
+            folder = write_peft_adapter(ctx.adapter, ctx.combination["rank"], ctx.staging / COMBINED_ADAPTER_DIR)
             ctx.reference_adapters = [(folder, 1.0)]
         log.info("%d adapters combined by %s into one of rank %d", len(adapters), spec.method,
                  ctx.combination["rank"])

@@ -171,6 +171,8 @@ class ParityStage:
                 base_vocab = ctx.layout.base_vocab
                 inputs = probes.inputs if with_adapter else \
                     [p for p in probes.inputs if base_vocab is None or int(p.max()) < base_vocab]
+                if not inputs:  # every probe holds added tokens (no tokenizer, so no text probes): nothing to run
+                    return probes, torch.empty(0, base_vocab or model.get_input_embeddings().weight.shape[0])
                 return probes, probe_logits(model, inputs, ctx.device)
         except LayerwiseError as e:
             raise ExportError(str(ctx.base.path), f"parity cannot load this model {ctx.parity_mode} ({e}).",

@@ -150,3 +150,14 @@ def test_modelfile_has_stops_from_turn_end_and_eos():
 def test_template_without_chat_template_is_noted():
     text, notes = modelfile("m.gguf", None, {}, ["</s>"])
     assert "TEMPLATE" not in text and notes and 'PARAMETER stop "</s>"' in text
+
+
+def test_a_template_that_repeats_a_message_elsewhere_is_noted_not_written_with_placeholders():
+    """An assistant turn echoed after its end ("(said: …)"): no fixed prefix and suffix reproduce that, so the
+    Modelfile gets no TEMPLATE and a note, never a TEMPLATE or stop holding the derivation's placeholder text."""
+    echo = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% if m['role'] == 'assistant' %}(said: {{ m['content'] }})\n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    text, notes = modelfile("m.gguf", echo, {"eos_token": "<|endoftext|>"}, ["<|endoftext|>"])
+    assert "\x01" not in text and "TEMPLATE" not in text
+    assert any("outside its own turn" in note for note in notes), notes
